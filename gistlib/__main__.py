@@ -1,0 +1,5 @@
+import sys
+
+from gistlib.cli import main
+
+sys.exit(main())

@@ -1,0 +1,354 @@
+"""Gist K/V as a canonical soft prefix.
+
+One forward pass over `[demos][G_1..G_k]` leaves, in every layer, keys and values at the k gist
+positions. Llama caches keys *after* RoPE, so a gist key sits rotated at its absolute position
+`p_1 ... p_k`, which differs per row (other demo lengths, other padding). RoPE is a rotation, so
+rotating by minus the offset `p_1` moves the keys to positions `0 ... k-1`: the **canonical prefix**.
+The downstream model then runs its own tokens at positions `k, k+1, ...` (PEFT prefix tuning uses
+the same convention), and relative distances between query and gist are exactly those of the single
+sequence `[demos][gists][query]`. That is why gist caching is exact and why a batch can mix tasks.
+
+Shapes: `n` layers, `B` rows, `H` key/value heads (GQA: fewer than query heads), `k` gist tokens,
+`hd` head dim. A `Prefix` holds `keys`, `values`: (n, B, H, k, hd).
+
+The boolean masks from `gistlib.masks` become additive float masks in one place only:
+`forward_with_mask`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+from transformers.models.llama.modeling_llama import rotate_half
+
+from gistlib.masks import gist_span, make_gist_mask, to_additive
+
+__all__ = [
+    "Prefix",
+    "positions_from_mask",
+    "forward_with_mask",
+    "rotate_keys",
+    "extract_prefix",
+    "prefixed_causal_mask",
+    "forward_with_prefix",
+    "generate_with_prefix",
+    "prefix_to_peft",
+    "prefix_from_peft",
+    "peft_model_with_prefix",
+]
+
+
+@dataclass
+class Prefix:
+    """A batch of canonical prefixes: keys at RoPE positions 0..k-1, values as they were.
+
+    keys, values: (n_layers, B, H_kv, k, head_dim).
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+
+    @property
+    def num_layers(self) -> int:
+        return self.keys.shape[0]
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys.shape[1]
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return self.keys.shape[3]
+
+    def rows(self, index: torch.Tensor | list[int] | slice) -> Prefix:
+        """Select (or repeat) rows: `prefix.rows([0, 0, 1])` -> batch of 3."""
+        return Prefix(self.keys[:, index], self.values[:, index])
+
+    def repeat_interleave(self, repeats: int) -> Prefix:
+        """Each task's prefix `repeats` times in a row, for several queries per task."""
+        return Prefix(self.keys.repeat_interleave(repeats, 1), self.values.repeat_interleave(repeats, 1))
+
+    def to(self, *args, **kwargs) -> Prefix:
+        return Prefix(self.keys.to(*args, **kwargs), self.values.to(*args, **kwargs))
+
+    def detach(self) -> Prefix:
+        return Prefix(self.keys.detach(), self.values.detach())
+
+    def to_cache(self, config=None) -> DynamicCache:
+        """A fresh transformers cache holding the prefix (a cache grows in place: one per call)."""
+        layers = [(self.keys[i], self.values[i]) for i in range(self.num_layers)]
+        return DynamicCache(layers, config=config)
+
+    def nbytes(self) -> int:
+        """Bytes held by keys and values."""
+        return self.keys.numel() * self.keys.element_size() * 2
+
+    @staticmethod
+    def cat(prefixes: Iterable[Prefix]) -> Prefix:
+        """Concatenate along the batch dimension."""
+        ps = list(prefixes)
+        return Prefix(torch.cat([p.keys for p in ps], 1), torch.cat([p.values for p in ps], 1))
+
+
+def positions_from_mask(attention_mask: torch.Tensor, start: int | torch.Tensor = 0) -> torch.Tensor:
+    """Position ids (B, L) counting real tokens only: the first real token of a row gets `start`.
+
+    Works for left and right padding; pads get a harmless clamped position.
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0) + start
+
+
+def forward_with_mask(
+    model: PreTrainedModel,
+    mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    input_ids: torch.Tensor | None = None,
+    inputs_embeds: torch.Tensor | None = None,
+    cache: DynamicCache | None = None,
+    **kwargs,
+):
+    """Run `model` under a boolean mask (B, 1, Lq, Lk): the single boundary where it becomes additive.
+
+    Lk = cached length + Lq. Returns the model's output (logits (B, Lq, V), `.cache`, ...).
+    """
+    dtype = model.dtype if inputs_embeds is None else inputs_embeds.dtype
+    if not dtype.is_floating_point:  # quantised models report an integer storage dtype
+        dtype = torch.float32
+    return model(
+        input_ids=input_ids,
+        inputs_embeds=inputs_embeds,
+        attention_mask=to_additive(mask, dtype),
+        position_ids=position_ids,
+        cache=cache,
+        **kwargs,
+    )
+
+
+def _inv_freq(model: torch.nn.Module) -> torch.Tensor:
+    """RoPE inverse frequencies (hd/2,) of the model's rotary embedding."""
+    for module in model.modules():
+        inv = getattr(module, "inv_freq", None)
+        if isinstance(inv, torch.Tensor):
+            return inv
+    raise ValueError("model has no rotary embedding (no module with `inv_freq`): is it Llama-shaped?")
+
+
+def rotate_keys(keys: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Rotate RoPE keys by `delta` positions per row (negative moves them back).
+
+    keys: (B, H, T, hd); delta: (B,) ; inv_freq: (hd/2,). Uses HF's rotate_half layout.
+    The angle is computed in float64 so re-rotation adds no error of its own.
+    """
+    angles = delta.double()[:, None] * inv_freq.double()[None, :]  # (B, hd/2)
+    emb = torch.cat([angles, angles], dim=-1)[:, None, None, :]  # (B, 1, 1, hd)
+    cos, sin = emb.cos().to(torch.float32), emb.sin().to(torch.float32)
+    k = keys.float()
+    return (k * cos + rotate_half(k) * sin).to(keys.dtype)
+
+
+def _gist_index(input_ids: torch.Tensor, gist_token_ids, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, k) positions of the gist tokens; every row must hold the same number k >= 1."""
+    first, last, has = gist_span(input_ids, gist_token_ids)
+    if not bool(has.all()):
+        rows = (~has).nonzero().flatten().tolist()
+        raise ValueError(f"rows {rows} have no gist tokens: a prefix needs [demos][G_1..G_k] in every row")
+    counts = last - first + 1
+    if not bool((counts == counts[0]).all()):
+        raise ValueError(f"rows hold different numbers of gist tokens {counts.tolist()}: use the same k for all")
+    if not bool(attention_mask.gather(1, first[:, None]).all()):
+        raise ValueError("gist tokens fall on padding (attention_mask is 0 there)")
+    return first[:, None] + torch.arange(int(counts[0]), device=input_ids.device)[None, :]
+
+
+def gather_gist_kv(cache_layers, gist_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack per-layer (keys, values), each (B, H, L, hd), at `gist_index` (B, k) -> two (n, B, H, k, hd)."""
+    idx = gist_index[:, None, :, None]
+    keys, values = [], []
+    for k, v in cache_layers:
+        gi = idx.expand(-1, k.shape[1], -1, k.shape[-1])
+        keys.append(k.gather(2, gi))
+        values.append(v.gather(2, gi))
+    return torch.stack(keys), torch.stack(values)
+
+
+def extract_prefix(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    gist_token_ids: int | Iterable[int],
+    inputs_embeds: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+) -> Prefix:
+    """Canonical prefix from one forward pass over `[demos][gists]` rows (left or right padded).
+
+    input_ids, attention_mask: (B, L). Tokens after the gists, if any, are ignored (the gist mask
+    keeps the gists from seeing them). `inputs_embeds` (B, L, d), if given, replaces the embedding
+    lookup (HyperLlama's separate gist table). `position_ids` (B, L) default to counting real
+    tokens from 0; any other offset gives the same prefix. Returns a Prefix (n, B, H_kv, k, hd).
+    """
+    mask = make_gist_mask(input_ids, gist_token_ids, attention_mask=attention_mask)
+    positions = positions_from_mask(attention_mask) if position_ids is None else position_ids
+    out = forward_with_mask(
+        model,
+        mask,
+        positions,
+        input_ids=None if inputs_embeds is not None else input_ids,
+        inputs_embeds=inputs_embeds,
+        cache=DynamicCache(config=model.config),
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    index = _gist_index(input_ids, gist_token_ids, attention_mask)  # (B, k)
+    layers = [(layer.keys, layer.values) for layer in out.cache.layers]
+    keys, values = gather_gist_kv(layers, index)  # (n, B, H, k, hd)
+    offset = positions.gather(1, index[:, :1]).squeeze(1)  # (B,) position of G_1
+    inv_freq = _inv_freq(model)
+    keys = torch.stack([rotate_keys(k, -offset, inv_freq) for k in keys])
+    return Prefix(keys, values)
+
+
+def prefixed_causal_mask(past_real: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mask (B, 1, L, P + L) for L new tokens after P cached ones.
+
+    past_real: (B, P) bool, True where a cached key is real (a prefix is all True).
+    attention_mask: (B, L) for the new tokens. New tokens see every real cached key, earlier real
+    new tokens (causal), and always themselves. Prefix k=2, one left pad, L=3::
+
+        key   P P _ a b
+        _     . . x . .
+        a     x x . x .
+        b     x x . x x
+    """
+    B, L = attention_mask.shape
+    pos = torch.arange(L, device=attention_mask.device)
+    causal = (pos[None, :] <= pos[:, None])[None] & attention_mask.bool()[:, None, :]  # (B, L, L)
+    causal = causal | torch.eye(L, dtype=torch.bool, device=attention_mask.device)
+    past = past_real.bool()[:, None, :].expand(B, L, -1)  # (B, L, P)
+    return torch.cat([past, causal], dim=-1)[:, None]
+
+
+def forward_with_prefix(
+    model: PreTrainedModel,
+    prefix: Prefix,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    **kwargs,
+):
+    """Run the downstream model on (B, L) tokens after a (n, B, H, k, hd) prefix.
+
+    Tokens run at positions k, k+1, ... (counting real tokens only, so left or right padding both
+    work). Returns the model output; `.logits` is (B, L, V).
+    """
+    k = prefix.num_virtual_tokens
+    past_real = torch.ones(input_ids.shape[0], k, dtype=torch.bool, device=input_ids.device)
+    mask = prefixed_causal_mask(past_real, attention_mask)
+    return forward_with_mask(
+        model,
+        mask,
+        positions_from_mask(attention_mask, start=k),
+        input_ids=input_ids,
+        cache=prefix.to_cache(model.config),
+        **kwargs,
+    )
+
+
+def _to_left_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_id: int):
+    """Move every row's real tokens to the right end (generation appends at the end)."""
+    B, L = input_ids.shape
+    lengths = attention_mask.long().sum(1)  # (B,)
+    src = torch.arange(L, device=input_ids.device)[None, :] - (L - lengths)[:, None]  # (B, L)
+    start = (attention_mask.long().argmax(1))[:, None]  # first real token (right padding: 0)
+    valid = src >= 0
+    gathered = input_ids.gather(1, (src + start).clamp(0, L - 1))
+    return torch.where(valid, gathered, pad_id), valid.long()
+
+
+@torch.no_grad()
+def generate_with_prefix(
+    model: PreTrainedModel,
+    prefix: Prefix | None,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    max_new_tokens: int,
+    eos_token_id: int | None = None,
+    pad_token_id: int = 0,
+) -> list[list[int]]:
+    """Greedy decoding for a batch of prompts, each after its own prefix (rows may be different tasks).
+
+    input_ids, attention_mask: (B, L), any padding side (rows must hold contiguous real tokens).
+    `prefix=None` runs without a prefix. Returns the new token ids of each row, cut after EOS.
+    """
+    ids, am = _to_left_padding(input_ids, attention_mask, pad_token_id)
+    B = ids.shape[0]
+    k = prefix.num_virtual_tokens if prefix is not None else 0
+    cache = prefix.to_cache(model.config) if prefix is not None else DynamicCache(config=model.config)
+    past_real = torch.ones(B, k, dtype=torch.bool, device=ids.device)
+    step_ids, step_mask, start = ids, am, torch.full((B,), k, device=ids.device)
+    out_tokens = torch.empty(B, 0, dtype=torch.long, device=ids.device)
+    done = torch.zeros(B, dtype=torch.bool, device=ids.device)
+    for _ in range(max_new_tokens):
+        mask = prefixed_causal_mask(past_real, step_mask)
+        out = forward_with_mask(
+            model, mask, positions_from_mask(step_mask, start=start[:, None]), input_ids=step_ids, cache=cache,
+            use_cache=True, logits_to_keep=1,
+        )
+        cache = out.cache
+        past_real = torch.cat([past_real, step_mask.bool()], dim=1)
+        start = start + step_mask.long().sum(1)
+        token = out.logits[:, -1].argmax(-1)  # (B,)
+        token = torch.where(done, pad_token_id, token)
+        out_tokens = torch.cat([out_tokens, token[:, None]], dim=1)
+        if eos_token_id is not None:
+            done = done | (token == eos_token_id)
+            if bool(done.all()):
+                break
+        step_ids, step_mask = token[:, None], torch.ones(B, 1, dtype=torch.long, device=ids.device)
+    return [_cut_after_eos(row, eos_token_id) for row in out_tokens.tolist()]
+
+
+def _cut_after_eos(tokens: list[int], eos_token_id: int | None) -> list[int]:
+    if eos_token_id is not None and eos_token_id in tokens:
+        return tokens[: tokens.index(eos_token_id) + 1]
+    return tokens
+
+
+# --- PEFT prefix-tuning format -------------------------------------------------------------------
+
+
+def prefix_to_peft(prefix: Prefix, row: int = 0) -> torch.Tensor:
+    """One row as PEFT's prompt embedding: (k, n_layers * 2 * H_kv * hd).
+
+    Per virtual token the layout is [layer][key, value][kv_head][head_dim], the order PEFT's
+    `get_prompt` unpacks (`view(B, k, n*2, H, hd).permute(2, 0, 3, 1, 4)`).
+    """
+    kv = torch.stack([prefix.keys[:, row], prefix.values[:, row]], dim=1)  # (n, 2, H, k, hd)
+    return kv.permute(3, 0, 1, 2, 4).reshape(prefix.num_virtual_tokens, -1)
+
+
+def prefix_from_peft(embedding: torch.Tensor, num_layers: int, num_kv_heads: int) -> Prefix:
+    """Inverse of `prefix_to_peft`: (k, n * 2 * H * hd) -> Prefix with batch 1."""
+    k = embedding.shape[0]
+    kv = embedding.reshape(k, num_layers, 2, num_kv_heads, -1).permute(1, 2, 3, 0, 4)  # (n, 2, H, k, hd)
+    return Prefix(kv[:, 0].unsqueeze(1), kv[:, 1].unsqueeze(1))
+
+
+def peft_model_with_prefix(model: PreTrainedModel, prefix: Prefix, row: int = 0):
+    """A PEFT prefix-tuning model over `model` whose prompt embedding holds one row of `prefix`.
+
+    Ready to be tuned further with PEFT (the prefix is its trainable parameter); `model`'s own
+    weights are shared, not copied.
+    """
+    from peft import PrefixTuningConfig, TaskType, get_peft_model
+
+    cfg = PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=prefix.num_virtual_tokens)
+    peft_model = get_peft_model(model, cfg)
+    embedding = peft_model.prompt_encoder["default"].embedding
+    flat = prefix_to_peft(prefix, row)
+    if embedding.weight.shape != flat.shape:
+        raise ValueError(f"PEFT expects a prompt embedding {tuple(embedding.weight.shape)}, got {tuple(flat.shape)}")
+    with torch.no_grad():
+        embedding.weight.copy_(flat)
+    return peft_model

@@ -1,0 +1,29 @@
+"""Shared fixtures: offline hub, tiny models built in-process, deterministic seeds."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+VOCAB = 64
+GIST_IDS = [60, 61, 62, 63]  # four distinct gist tokens at the top of a 64-token vocab
+PAD = 0
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_models():
+    """The same random tiny Llama (GQA: 4 query heads, 2 kv heads) under eager and sdpa attention."""
+    from gistlib.models import build_tiny_llama
+
+    return {impl: build_tiny_llama(vocab_size=VOCAB, attn_implementation=impl, seed=0) for impl in ("eager", "sdpa")}
