@@ -106,6 +106,7 @@ class TinyLlamaConfig:
     intermediate_size: int = 128  # SwiGLU MLP width
     max_position_embeddings: int = 2048
     rope_theta: float = 10000.0
+    initializer_range: float = 0.02  # std of the random init (HF default)
 
 
 def build_tiny_llama(
@@ -134,6 +135,7 @@ def build_tiny_llama(
         max_position_embeddings=cfg.max_position_embeddings,
         rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
         tie_word_embeddings=False,
+        initializer_range=cfg.initializer_range,
         pad_token_id=tokenizer.pad_token_id if tokenizer is not None else 0,
         bos_token_id=tokenizer.bos_token_id if tokenizer is not None else 1,
         eos_token_id=tokenizer.eos_token_id if tokenizer is not None else 2,

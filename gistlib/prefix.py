@@ -31,6 +31,9 @@ __all__ = [
     "positions_from_mask",
     "forward_with_mask",
     "rotate_keys",
+    "rope_inv_freq",
+    "gist_positions",
+    "gather_gist_kv",
     "extract_prefix",
     "prefixed_causal_mask",
     "forward_with_prefix",
@@ -127,7 +130,7 @@ def forward_with_mask(
     )
 
 
-def _inv_freq(model: torch.nn.Module) -> torch.Tensor:
+def rope_inv_freq(model: torch.nn.Module) -> torch.Tensor:
     """RoPE inverse frequencies (hd/2,) of the model's rotary embedding."""
     for module in model.modules():
         inv = getattr(module, "inv_freq", None)
@@ -149,7 +152,7 @@ def rotate_keys(keys: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor)
     return (k * cos + rotate_half(k) * sin).to(keys.dtype)
 
 
-def _gist_index(input_ids: torch.Tensor, gist_token_ids, attention_mask: torch.Tensor) -> torch.Tensor:
+def gist_positions(input_ids: torch.Tensor, gist_token_ids, attention_mask: torch.Tensor) -> torch.Tensor:
     """(B, k) positions of the gist tokens; every row must hold the same number k >= 1."""
     first, last, has = gist_span(input_ids, gist_token_ids)
     if not bool(has.all()):
@@ -201,11 +204,11 @@ def extract_prefix(
         use_cache=True,
         logits_to_keep=1,
     )
-    index = _gist_index(input_ids, gist_token_ids, attention_mask)  # (B, k)
+    index = gist_positions(input_ids, gist_token_ids, attention_mask)  # (B, k)
     layers = [(layer.keys, layer.values) for layer in out.cache.layers]
     keys, values = gather_gist_kv(layers, index)  # (n, B, H, k, hd)
     offset = positions.gather(1, index[:, :1]).squeeze(1)  # (B,) position of G_1
-    inv_freq = _inv_freq(model)
+    inv_freq = rope_inv_freq(model)
     keys = torch.stack([rotate_keys(k, -offset, inv_freq) for k in keys])
     return Prefix(keys, values)
 

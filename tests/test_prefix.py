@@ -15,9 +15,9 @@ from gistlib.prefix import (
     positions_from_mask,
     prefix_from_peft,
     prefix_to_peft,
+    rope_inv_freq,
     rotate_keys,
 )
-from gistlib.prefix import _inv_freq
 
 TOL = 1e-4  # float32
 
@@ -99,7 +99,7 @@ def test_same_demos_at_another_offset_give_the_same_prefix(tiny_models):
         assert (other.values - base.values).abs().max() < 1e-5
     # the shift is real: keys left at positions +37 / +101 would differ from the canonical ones
 
-    moved = rotate_keys(base.keys[0], torch.tensor([37.0, 101.0]), _inv_freq(model))
+    moved = rotate_keys(base.keys[0], torch.tensor([37.0, 101.0]), rope_inv_freq(model))
     assert (moved - base.keys[0]).abs().max() > 1e-2
 
 
