@@ -105,7 +105,7 @@ class PrefixHead(nn.Module):
             nn.init.zeros_(last.weight)
             nn.init.zeros_(last.bias)
 
-    def _apply(self, x: torch.Tensor, fn: nn.Module) -> torch.Tensor:
+    def _map(self, x: torch.Tensor, fn: nn.Module) -> torch.Tensor:
         n, B, H, k, hd = x.shape
         flat = x.permute(0, 1, 3, 2, 4).reshape(n, B, k, H * hd)  # (n, B, k, H*hd)
         w_dtype = next(fn.parameters()).dtype
@@ -115,7 +115,7 @@ class PrefixHead(nn.Module):
     def forward(self, prefix: Prefix) -> Prefix:
         if self.kind == "identity":
             return prefix
-        return Prefix(self._apply(prefix.keys, self.key_map), self._apply(prefix.values, self.value_map))
+        return Prefix(self._map(prefix.keys, self.key_map), self._map(prefix.values, self.value_map))
 
 
 def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -167,6 +167,7 @@ class HyperLlama(nn.Module):
             torch.manual_seed(self.config.seed)
             self.peft: PeftModel = get_peft_model(base, lora)
             self.prefix_head = PrefixHead(self.config.prefix_head, cfg.num_key_value_heads, head_dim)
+        self.prefix_head.to(embed.weight.device)
 
     def _init_gist_embeddings(self, vocab: torch.Tensor, gist_token_ids: list[int]) -> torch.Tensor:
         """(k, d) float32 copies of existing embeddings (k random real tokens, or the gist ids' rows)."""

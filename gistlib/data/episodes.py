@@ -142,7 +142,9 @@ class EpisodeSampler:
         for t in tasks:
             demos = 0 if t.fixed_demos is not None else self._demos_for(t)
             if len(t.examples) < demos + num_queries:
-                self.report.skip(ValueError(f"task {t.name!r}: {len(t.examples)} examples < {demos + num_queries}"))
+                self.report.skip(
+                    ValueError(f"task {t.name!r}: {len(t.examples)} examples < {demos + num_queries}")
+                )
             else:
                 self.tasks.append(t)
         self.report.loaded = len(self.tasks)
@@ -203,7 +205,7 @@ def task_to_dict(task: Task) -> dict:
 
 
 def _example_from_dict(d: dict, shared_choices, *, file=None, line=None, task=None, prefix="") -> Example:
-    kw = dict(file=file, line=line, task=task, prefix=prefix)
+    kw = {"file": file, "line": line, "task": task, "prefix": prefix}
     inp, out = require(d, "input", **kw), require(d, "output", **kw)
     if not isinstance(inp, str) or not isinstance(out, str):
         raise DataError("input and output must be strings", file=file, line=line, field=prefix, task=task)
@@ -229,8 +231,9 @@ def task_from_dict(d: dict, file=None, line=None) -> Task:
 def save_tasks_jsonl(tasks: Sequence[Task], path: str | os.PathLike) -> None:
     """Write one task per line, keys in a fixed order, so equal tasks give equal bytes."""
     with open(path, "w", encoding="utf-8", newline="\n") as f:
-        for t in tasks:
-            f.write(json.dumps(task_to_dict(t), ensure_ascii=False, separators=(",", ":")) + "\n")
+        f.writelines(
+            json.dumps(task_to_dict(t), ensure_ascii=False, separators=(",", ":")) + "\n" for t in tasks
+        )
 
 
 def load_tasks_jsonl(path: str | os.PathLike, report: LoadReport | None = None) -> list[Task]:
@@ -285,7 +288,9 @@ def tasks_from_rows(rows, report: LoadReport | None = None) -> list[Task]:
         if name not in tasks:
             meta = json.loads(row["meta"]) if row.get("meta") else {}
             tasks[name] = Task(name, [], row.get("definition"), row.get("family"), meta)
-        tasks[name].examples.append(Example(row["input"], row["output"], row.get("choices"), row.get("references")))
+        tasks[name].examples.append(
+            Example(row["input"], row["output"], row.get("choices"), row.get("references"))
+        )
     if report is not None:
         report.loaded += len(tasks)
     return list(tasks.values())
@@ -306,5 +311,4 @@ def tasks_from_dataset(dataset, report: LoadReport | None = None) -> list[Task]:
 def save_rows_jsonl(tasks: Sequence[Task], path: str | os.PathLike) -> None:
     """Write flat rows as JSONL, readable by `datasets.load_dataset("json", data_files=path)`."""
     with open(path, "w", encoding="utf-8", newline="\n") as f:
-        for r in tasks_to_rows(tasks):
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in tasks_to_rows(tasks))

@@ -1,0 +1,216 @@
+"""Symbol tuning (Wei et al. 2023): in-context classification where labels are arbitrary symbols.
+
+No data was released; episodes are built from any classification task. For every episode:
+a fresh injective map label -> symbol (numbers, random letter strings, unrelated words; never a real
+label word), no instruction, k exemplars per class, shuffled, then the query. Each example keeps the
+episode's symbols as answer choices, so rank classification works as for P3.
+
+Readers for the raw files in `<shared data>/classification/` turn them into `Task`s with real label words.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from .episodes import Episode, Example, Task
+from .files import DataError, LoadReport, handle, read_jsonl, shared_data_dir
+
+# unrelated words: common nouns/adjectives that are no label of any dataset here
+UNRELATED_WORDS = [
+    "apple",
+    "river",
+    "candle",
+    "violin",
+    "pepper",
+    "marble",
+    "tunnel",
+    "falcon",
+    "ladder",
+    "cactus",
+    "saddle",
+    "button",
+    "glacier",
+    "lantern",
+    "walnut",
+    "pillow",
+    "rocket",
+    "meadow",
+    "copper",
+    "harbor",
+    "pencil",
+    "orbit",
+    "velvet",
+    "bucket",
+    "thunder",
+    "garlic",
+    "kettle",
+    "mirror",
+    "zebra",
+    "quartz",
+]
+TREC_LABELS = {
+    "ABBR": "abbreviation",
+    "DESC": "description",
+    "ENTY": "entity",
+    "HUM": "human",
+    "LOC": "location",
+    "NUM": "number",
+}
+SST2_LABELS = {"0": "negative", "1": "positive"}
+
+
+# ----------------------------------------------------------------------------- readers
+
+
+def _classification_dir(root) -> Path:
+    return Path(root) if root is not None else shared_data_dir() / "classification"
+
+
+def read_sst2(
+    split: str = "train", root: str | os.PathLike | None = None, report: LoadReport | None = None
+) -> Task:
+    """SST-2 lines `<0/1> <sentence>` -> Task 'sst2' with outputs 'negative'/'positive'."""
+    path = _classification_dir(root) / "sst2" / f"stsa.binary.{split}"
+    examples = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        label, _, text = line.partition(" ")
+        if label not in SST2_LABELS or not text.strip():
+            handle(
+                DataError(
+                    f"expected '<0/1> <sentence>', got {line[:40]!r}", file=path, line=lineno, task="sst2"
+                ),
+                report,
+            )
+            continue
+        examples.append(Example(text.strip(), SST2_LABELS[label]))
+    return _finish(Task("sst2", examples, family="classification"), report)
+
+
+def read_trec(
+    split: str = "train", root: str | os.PathLike | None = None, report: LoadReport | None = None
+) -> Task:
+    """TREC lines `COARSE:fine question` -> Task 'trec' with the 6 coarse classes as words."""
+    path = _classification_dir(root) / "trec" / f"{split}.txt"
+    examples = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        label, _, text = line.partition(" ")
+        coarse = label.split(":")[0]
+        if coarse not in TREC_LABELS or not text.strip():
+            handle(
+                DataError(
+                    f"expected 'COARSE:fine question', got {line[:40]!r}", file=path, line=lineno, task="trec"
+                ),
+                report,
+            )
+            continue
+        examples.append(Example(text.strip(), TREC_LABELS[coarse]))
+    return _finish(Task("trec", examples, family="classification"), report)
+
+
+def read_nli_jsonl(path: str | os.PathLike, name: str, report: LoadReport | None = None) -> Task:
+    """SuperGLUE-style NLI jsonl (CB, RTE): input 'Premise: ...\\nHypothesis: ...', output the label string."""
+    examples = []
+    for lineno, row in read_jsonl(path, task=name, report=report):
+        missing = [k for k in ("premise", "hypothesis", "label") if k not in row]
+        if missing:
+            handle(DataError("missing field", file=path, line=lineno, field=missing[0], task=name), report)
+            continue
+        examples.append(
+            Example(f"Premise: {row['premise']}\nHypothesis: {row['hypothesis']}", str(row["label"]))
+        )
+    return _finish(Task(name, examples, family="classification"), report)
+
+
+def _finish(task: Task, report: LoadReport | None) -> Task:
+    if report is not None:
+        report.loaded += len(task.examples)
+    return task
+
+
+def classification_tasks(root: str | os.PathLike | None = None) -> list[Task]:
+    """SST-2, TREC, CB and RTE training sets as classification tasks with real label words."""
+    base = _classification_dir(root)
+    return [
+        read_sst2("train", base),
+        read_trec("train", base),
+        read_nli_jsonl(base / "cb" / "train.jsonl", "cb"),
+        read_nli_jsonl(base / "rte" / "train.jsonl", "rte"),
+    ]
+
+
+# ----------------------------------------------------------------------------- symbols
+
+
+def _letter_string(rng: random.Random) -> str:
+    return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 5)))
+
+
+def draw_symbols(labels: Sequence[str], rng: random.Random) -> dict[str, str]:
+    """A fresh injective map label -> symbol. Symbols are all of one kind, drawn per call:
+    integers, random letter strings, or unrelated words; none equals any label (case-insensitively)."""
+    forbidden = {label.lower() for label in labels}
+    kind = rng.choice(["number", "letters", "word"])
+    symbols: list[str] = []
+    while len(symbols) < len(labels):
+        if kind == "number":
+            s = str(rng.randint(0, 99))
+        elif kind == "letters":
+            s = _letter_string(rng)
+        else:
+            s = rng.choice(UNRELATED_WORDS)
+        if s.lower() not in forbidden and s not in symbols:
+            symbols.append(s)
+    return dict(zip(labels, symbols))
+
+
+def symbol_episode(task: Task, k_per_class: int, num_queries: int, rng: random.Random) -> Episode:
+    """One symbol-tuning episode: k shuffled exemplars per class and `num_queries` other examples as
+    queries, all outputs replaced by a fresh symbol map; no definition. Choices = the episode's symbols."""
+    by_label: dict[str, list[Example]] = {}
+    for ex in task.examples:
+        by_label.setdefault(ex.output, []).append(ex)
+    labels = sorted(by_label)
+    for label in labels:
+        if len(by_label[label]) < k_per_class:
+            raise ValueError(
+                f"task {task.name!r}: label {label!r} has {len(by_label[label])} examples < k={k_per_class}"
+            )
+    mapping = draw_symbols(labels, rng)
+    choices = [mapping[label] for label in labels]
+    demos, used = [], set()
+    for label in labels:
+        for ex in rng.sample(by_label[label], k_per_class):
+            demos.append(ex)
+            used.add(id(ex))
+    rng.shuffle(demos)
+    pool = [ex for ex in task.examples if id(ex) not in used]
+    if len(pool) < num_queries:
+        raise ValueError(f"task {task.name!r}: not enough examples left for {num_queries} queries")
+    queries = rng.sample(pool, num_queries)
+
+    def relabel(ex: Example) -> Example:
+        return Example(ex.input, mapping[ex.output], choices)
+
+    return Episode(task.name, [relabel(e) for e in demos], [relabel(e) for e in queries], definition=None)
+
+
+def symbol_episodes(
+    tasks: Sequence[Task],
+    k_per_class: int = 4,
+    num_queries: int = 1,
+    seed: int = 0,
+    num_episodes: int | None = None,
+) -> Iterator[Episode]:
+    """A seeded stream of symbol-tuning episodes, tasks drawn uniformly."""
+    rng = random.Random(seed)
+    n = 0
+    while num_episodes is None or n < num_episodes:
+        yield symbol_episode(rng.choice(list(tasks)), k_per_class, num_queries, rng)
+        n += 1
