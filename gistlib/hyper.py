@@ -25,7 +25,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -33,6 +32,7 @@ from transformers import PreTrainedModel
 
 from gistlib.attention import use_gistlib_attention
 from gistlib.masks import make_gist_mask
+from gistlib.scoring import sequence_logprobs, token_loss
 from gistlib.prefix import (
     Prefix,
     gist_positions,
@@ -44,7 +44,7 @@ from gistlib.prefix import (
     rotate_keys,
 )
 
-__all__ = ["HyperConfig", "PrefixHead", "HyperLlama", "token_loss", "sequence_logprobs"]
+__all__ = ["HyperConfig", "PrefixHead", "HyperLlama"]
 
 LINEAR_MAPS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -116,22 +116,6 @@ class PrefixHead(nn.Module):
         if self.kind == "identity":
             return prefix
         return Prefix(self._map(prefix.keys, self.key_map), self._map(prefix.values, self.value_map))
-
-
-def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over labelled positions. logits (B, L, V), labels (B, L), -100 = none."""
-    pred = logits[:, :-1].float()
-    target = labels[:, 1:]
-    return F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), ignore_index=-100)
-
-
-def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of log-probabilities of the labelled tokens per row, and their count. Both (B,)."""
-    logp = logits[:, :-1].float().log_softmax(-1)
-    target = labels[:, 1:]
-    keep = target != -100
-    picked = logp.gather(-1, target.clamp(min=0)[..., None]).squeeze(-1)
-    return (picked * keep).sum(-1), keep.sum(-1)
 
 
 class HyperLlama(nn.Module):

@@ -1,13 +1,17 @@
-"""One training loop for HyperLlama, on accelerate: a CPU here, one GPU, or several with the same code.
+"""One training loop, on accelerate: a CPU here, one GPU, or several with the same code.
+
+It trains any *trainee*: an `nn.Module` with `loss_and_backward(**batch, loss_scale=...)`,
+`save_pretrained(path)` and `load_trainable(path)`. Two exist: `HyperLlama` (the hypernetwork) and
+`gistlib.lm.LMTrainee` (a whole causal LM under a causal or gist mask: the pocket base, Gisting).
 
     for each step:   for each of `grad_accum` micro-batches:  loss_and_backward(batch, 1/grad_accum)
                      all-reduce gradients across processes (mean)     # identical on every rank
                      clip, AdamW step, warmup + linear decay
                      log {step, loss, lr, tokens_per_s} to metrics.jsonl; checkpoint every `save_every`
 
-Batches are dicts of tensors (`hyper_input_ids`, `hyper_attention_mask`, `input_ids`,
-`attention_mask`, `labels`, optional `task_index`) from any iterable, so every stage (hyperpretraining,
-multi-task) plugs in. With several processes, process r takes batches r, r + P, r + 2P, ...
+Batches are dicts of tensors that the trainee's `loss_and_backward` takes (for HyperLlama:
+`hyper_input_ids`, `hyper_attention_mask`, `input_ids`, `attention_mask`, `labels`, optional
+`task_index`) from any iterable, so every stage (hyperpretraining, multi-task) plugs in. With several processes, process r takes batches r, r + P, r + 2P, ...
 
 Checkpoints are folders `checkpoint-<step>/` written to a temporary name and renamed when complete:
 the trainable weights (LoRA in PEFT's format, gist table, prefix head), optimizer state
@@ -37,11 +41,9 @@ from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from gistlib.hyper import HyperLlama
+from torch import nn
 
 __all__ = ["TrainConfig", "train", "latest_checkpoint", "save_checkpoint", "load_checkpoint", "make_accelerator"]
-
-BATCH_KEYS = ("hyper_input_ids", "hyper_attention_mask", "input_ids", "attention_mask", "labels")
 
 
 @dataclass
@@ -133,7 +135,7 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torc
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-def save_checkpoint(path: str | os.PathLike, hyper: HyperLlama, optimizer, scheduler, step: int,
+def save_checkpoint(path: str | os.PathLike, hyper: nn.Module, optimizer, scheduler, step: int,
                     extra: dict | None = None) -> Path:
     """Write `path` atomically: into `path.tmp`, then rename. Returns the final path."""
     final = Path(path)
@@ -157,7 +159,7 @@ def save_checkpoint(path: str | os.PathLike, hyper: HyperLlama, optimizer, sched
     return final
 
 
-def load_checkpoint(path: str | os.PathLike, hyper: HyperLlama, optimizer, scheduler) -> dict:
+def load_checkpoint(path: str | os.PathLike, hyper: nn.Module, optimizer, scheduler) -> dict:
     """Restore weights, optimizer, scheduler and RNG from `path`; return the trainer state (has `step`)."""
     path = Path(path)
     if not (path / "trainer_state.json").exists():
@@ -200,19 +202,20 @@ def _all_reduce_grads(params: list[torch.nn.Parameter], accelerator: Accelerator
 
 
 def _tokens(batch: dict) -> int:
-    return int(batch["hyper_attention_mask"].sum() + batch["attention_mask"].sum())
+    """Real tokens in a batch: every `*attention_mask` counted."""
+    return int(sum(v.sum() for k, v in batch.items() if k.endswith("attention_mask")))
 
 
 def train(
-    hyper: HyperLlama,
+    hyper: nn.Module,
     batches: Iterable[dict],
     config: TrainConfig,
     accelerator: Accelerator | None = None,
     resume: bool = True,
-    evaluate: Callable[[HyperLlama, int], float] | None = None,
+    evaluate: Callable[[nn.Module, int], float] | None = None,
     stop_after: int | None = None,
 ) -> list[dict]:
-    """Train `hyper` for `config.steps` optimizer steps; return the metric records (also in metrics.jsonl).
+    """Train the trainee `hyper` for `config.steps` optimizer steps; return the metric records (also in metrics.jsonl).
 
     resume: continue from the latest checkpoint in `config.out_dir` if there is one.
     evaluate: called every `eval_every` steps, returns a score (higher is better); the best weights
@@ -226,11 +229,11 @@ def train(
         out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
-    if hyper.gist_embeddings.device != accelerator.device:  # a 4-bit base is placed when loaded, never moved
+    params = [p for p in hyper.parameters() if p.requires_grad]
+    if params[0].device != accelerator.device:  # a 4-bit base is placed when loaded, never moved
         hyper.to(accelerator.device)
     if config.gradient_checkpointing:
         hyper.base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    params = [p for p in hyper.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
 
@@ -260,8 +263,7 @@ def train(
                                  f"steps x grad_accum x processes = {config.steps * config.grad_accum * accelerator.num_processes} batches")
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             with accelerator.autocast():
-                loss = hyper.loss_and_backward(**{k: batch[k] for k in BATCH_KEYS}, task_index=batch.get("task_index"),
-                                               loss_scale=1.0 / config.grad_accum)
+                loss = hyper.loss_and_backward(**batch, loss_scale=1.0 / config.grad_accum)
             loss_sum += loss.item() / config.grad_accum
             tokens += _tokens(batch)
         _all_reduce_grads(params, accelerator)

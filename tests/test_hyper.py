@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import GIST_IDS, PAD
 
-from gistlib.hyper import HyperConfig, HyperLlama, token_loss
+from gistlib.hyper import HyperConfig, HyperLlama
 from gistlib.models import build_tiny_llama
 from gistlib.prefix import extract_prefix, forward_with_prefix
 

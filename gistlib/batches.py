@@ -1,0 +1,108 @@
+"""Batch streams for every training stage, from tasks (or a corpus) to padded tensors.
+
+    icl_batches             [BOS] demos query answer              the pocket base (causal mask)
+    gisting_batches         [BOS] demos G_1..G_k query answer      Gisting (gist mask)
+    hyper_batches           hypernetwork: [BOS] demos G_1..G_k     HyperLlama multi-task training
+                            downstream:   [BOS] query answer [EOS], several queries per task
+    hyperpretrain_batches   hypernetwork: [BOS] segment_a G..;  downstream: [BOS] segment_b
+
+Every stream is endless, seeded and reproducible (the training loop's resume replays it).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from gistlib.data import (
+    COMPACT,
+    EpisodeSampler,
+    RenderFormat,
+    Task,
+    collate,
+    render_downstream,
+    render_gisting,
+    render_hyper_input,
+    render_icl,
+)
+
+__all__ = ["icl_batches", "gisting_batches", "hyper_batches", "hyperpretrain_batches"]
+
+
+def _episodes(tasks, seed, num_queries, repeat_demo_prob, num_demos=None):
+    return iter(EpisodeSampler(tasks, num_demos=num_demos, num_queries=num_queries, seed=seed,
+                               repeat_demo_prob=repeat_demo_prob))
+
+
+def icl_batches(tasks: Sequence[Task], tokenizer, batch_size: int, seed: int = 0, fmt: RenderFormat = COMPACT,
+                max_tokens: int = 256, repeat_demo_prob: float = 0.0) -> Iterator[dict[str, torch.Tensor]]:
+    """`input_ids`, `attention_mask`, `labels` (B, L): one query per episode, demos in context."""
+    episodes = _episodes(tasks, seed, 1, repeat_demo_prob)
+    while True:
+        rows = []
+        for _ in range(batch_size):
+            ep = next(episodes)
+            rows.append(render_icl(ep, ep.queries[0], tokenizer, fmt, max_tokens))
+        yield collate(rows, tokenizer.pad_token_id)
+
+
+def gisting_batches(tasks: Sequence[Task], tokenizer, gist_ids: list[int], batch_size: int, seed: int = 0,
+                    fmt: RenderFormat = COMPACT, max_tokens: int = 256,
+                    repeat_demo_prob: float = 0.0) -> Iterator[dict[str, torch.Tensor]]:
+    """Single-sequence gisting rows (B, L), labels on the answer."""
+    episodes = _episodes(tasks, seed, 1, repeat_demo_prob)
+    while True:
+        rows = []
+        for _ in range(batch_size):
+            ep = next(episodes)
+            rows.append(render_gisting(ep, ep.queries[0], tokenizer, gist_ids, fmt, max_tokens))
+        yield collate(rows, tokenizer.pad_token_id)
+
+
+def hyper_batches(tasks: Sequence[Task], tokenizer, gist_ids: list[int], tasks_per_batch: int,
+                  queries_per_task: int, seed: int = 0, fmt: RenderFormat = COMPACT, max_hyper_tokens: int = 256,
+                  max_tokens: int = 64, repeat_demo_prob: float = 0.0) -> Iterator[dict[str, torch.Tensor]]:
+    """HyperLlama batches: `hyper_*` (T, Lh) left padded, downstream (T*Q, L) with `task_index` (T*Q,)."""
+    episodes = _episodes(tasks, seed, queries_per_task, repeat_demo_prob)
+    while True:
+        hyper_rows, down_rows, index = [], [], []
+        for t in range(tasks_per_batch):
+            ep = next(episodes)
+            hyper_rows.append(render_hyper_input(ep, tokenizer, gist_ids, fmt, max_hyper_tokens))
+            for q in ep.queries:
+                down_rows.append(render_downstream(q, tokenizer, fmt, max_tokens, task=ep.task))
+                index.append(t)
+        h = collate(hyper_rows, tokenizer.pad_token_id, padding_side="left")
+        d = collate(down_rows, tokenizer.pad_token_id)
+        yield {"hyper_input_ids": h["input_ids"], "hyper_attention_mask": h["attention_mask"], **d,
+               "task_index": torch.tensor(index)}
+
+
+def hyperpretrain_batches(documents: Sequence[str], tokenizer, gist_ids: list[int], batch_size: int,
+                          context_tokens: int = 48, continuation_tokens: int = 16,
+                          seed: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    """Hyperpretraining on plain text: the hypernetwork reads a context segment (then the gists), the
+    downstream model predicts the continuation (loss on every continuation token) from the prefix alone.
+    Documents shorter than context + continuation + 1 tokens are skipped (counted in `ValueError` if none fit).
+    """
+    encoded = [tokenizer(d, add_special_tokens=False)["input_ids"] for d in documents]
+    need = context_tokens + continuation_tokens
+    usable = [e for e in encoded if len(e) >= need]
+    if not usable:
+        raise ValueError(f"no document has {need} tokens: lower context_tokens/continuation_tokens")
+    rng = random.Random(seed)
+    bos = tokenizer.bos_token_id
+    while True:
+        hyper_rows, down_rows = [], []
+        for _ in range(batch_size):
+            doc = rng.choice(usable)
+            start = rng.randint(0, len(doc) - need)
+            ctx = doc[start : start + context_tokens]
+            cont = doc[start + context_tokens : start + need]
+            hyper_rows.append([bos, *ctx, *gist_ids])
+            down_rows.append(([bos, *cont], [-100, *cont]))
+        h = collate(hyper_rows, tokenizer.pad_token_id, padding_side="left")
+        d = collate(down_rows, tokenizer.pad_token_id)
+        yield {"hyper_input_ids": h["input_ids"], "hyper_attention_mask": h["attention_mask"], **d}

@@ -1,0 +1,400 @@
+"""The pocket course end to end: base, HyperLlama, Gisting, evaluation, prefix-tuning ladder, compression.
+
+    1. base        a tiny Llama trained from scratch on training tasks with demos in context (ICL)
+    2. hyperllama  hyperpretraining on the plain-text corpus, then multi-task training over the frozen base,
+                   early-stopped on validation tasks; once per seed (and per k in the gist sweep)
+    3. gisting     the base fine-tuned whole under the gist mask (Mu et al.), early-stopped alike
+    4. evaluate    zero_shot, icl, gisting, hyperllama on the same held-out test episodes, per level too
+    5. ladder      prefix tuning per test episode from random / vocab / hyperllama starts, 0..200 steps
+    6. compression demo tokens per gist token; KV bytes of a prefix vs the demos' KV
+
+Every trained model is cached under `cache_dir` (a second run reuses it; an interrupted one resumes).
+Results land in `out_dir`: summary.json, results.md and PNG plots (`gistlib.report`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from gistlib.batches import gisting_batches, hyper_batches, hyperpretrain_batches, icl_batches
+from gistlib.data import COMPACT, EpisodeSampler, Task, load_pocket_corpus, load_pocket_suite, pocket_tokenizer
+from gistlib.data.render import render_hyper_input
+from gistlib.evaluate import (
+    NORMALISATION,
+    evaluate,
+    gist_prefixes,
+    hyper_prefixes,
+    icl,
+    with_prefixes,
+    zero_shot,
+)
+from gistlib.hyper import HyperConfig, HyperLlama
+from gistlib.lm import LMTrainee
+from gistlib.models import build_tiny_llama, gist_token_ids
+from gistlib.prefix_tuning import random_prefix, tune_prefixes, vocab_prefix
+from gistlib.train import TrainConfig, train
+
+__all__ = ["PocketConfig", "TIERS", "run_pocket", "load_base", "train_base"]
+
+FMT = COMPACT
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class PocketConfig:
+    """Sizes and budgets of the pocket course. `TIERS['smoke']` shrinks everything for CI."""
+
+    tier: str = "pocket"
+    out_dir: str = "results/pocket"
+    cache_dir: str = "runs/pocket"
+    families: tuple[str, ...] = ("classify",)  # task families trained and evaluated
+    # the base: a tiny Llama, pretrained here (or shipped in data/pocket_base, rebuilt by `gistlib course`)
+    base_dir: str = str(ROOT / "data" / "pocket_base")
+    hidden: int = 128
+    layers: int = 4
+    heads: int = 4
+    kv_heads: int = 2
+    mlp: int = 512
+    base_steps: int = 3000
+    base_lr: float = 2e-3
+    base_batch: int = 128
+    repeat_demo_prob: float = 0.5  # curriculum: a training query repeats a demo word (never at evaluation)
+    # HyperLlama
+    num_gist_tokens: int = 8
+    gist_sweep: tuple[int, ...] = ()  # extra k values (seed 0) for the compression trade-off
+    seeds: tuple[int, ...] = (0, 1, 2)
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    hyperpretrain_steps: int = 200
+    hyper_steps: int = 2000
+    hyper_lr: float = 2e-3
+    tasks_per_batch: int = 32
+    queries_per_task: int = 4
+    # Gisting
+    gisting_steps: int = 1000
+    gisting_lr: float = 1e-3
+    # early stopping on validation tasks (never on test)
+    eval_every: int = 250
+    patience: int = 4
+    val_episodes: int = 96
+    # evaluation
+    test_episodes: int = 300
+    queries_per_episode: int = 4
+    prefix_episodes: int = 120
+    prefix_budgets: tuple[int, ...] = (0, 10, 25, 50, 100, 200)
+    prefix_lr: float = 1e-2
+    threads: int = 0  # torch threads (0: leave as is)
+    progress: bool = True
+
+    def __post_init__(self):
+        for f in fields(self):
+            if f.type.startswith("tuple"):
+                setattr(self, f.name, tuple(getattr(self, f.name)))
+        checks = {
+            "tier": self.tier in TIER_NAMES,
+            "seeds": len(self.seeds) >= 1,
+            "num_gist_tokens": 1 <= self.num_gist_tokens <= 16,
+            "gist_sweep": all(1 <= k <= 16 for k in self.gist_sweep),
+            "families": set(self.families) <= {"classify", "transform", "arith"} and len(self.families) > 0,
+            "prefix_budgets": len(self.prefix_budgets) > 0 and min(self.prefix_budgets) >= 0,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"PocketConfig.{name} = {getattr(self, name)!r} is not allowed")
+
+    @property
+    def gist_counts(self) -> tuple[int, ...]:
+        return tuple(sorted({self.num_gist_tokens, *self.gist_sweep}))
+
+
+TIER_NAMES = ("smoke", "pocket")
+TIERS: dict[str, dict] = {
+    "pocket": {},
+    "smoke": dict(
+        tier="smoke", out_dir="results/smoke", cache_dir="runs/smoke", base_dir="", hidden=32, layers=2, heads=2,
+        kv_heads=1, mlp=64, base_steps=6, base_batch=16, num_gist_tokens=2, gist_sweep=(1,), seeds=(0, 1),
+        hyperpretrain_steps=2, hyper_steps=4, tasks_per_batch=4, queries_per_task=2, gisting_steps=4,
+        eval_every=2, patience=0, val_episodes=8, test_episodes=12, prefix_episodes=6, prefix_budgets=(0, 2, 4),
+    ),
+}
+
+
+def tier_config(tier: str = "pocket", **overrides) -> PocketConfig:
+    """The config of a tier with field overrides (unknown names are an error naming them)."""
+    if tier not in TIERS:
+        raise ValueError(f"unknown tier {tier!r}: choose one of {list(TIERS)}")
+    known = {f.name for f in fields(PocketConfig)}
+    unknown = set(overrides) - known
+    if unknown:
+        raise ValueError(f"unknown PocketConfig field(s) {sorted(unknown)}")
+    return PocketConfig(**{**TIERS[tier], **overrides})
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+
+def select(tasks: list[Task], cfg: PocketConfig) -> list[Task]:
+    return [t for t in tasks if t.family in cfg.families]
+
+
+def fixed_episodes(tasks: list[Task], n: int, queries: int, seed: int):
+    """A fixed, seeded list of episodes (each task's own number of demos; no query repeats a demo)."""
+    return EpisodeSampler(tasks, num_demos=None, num_queries=queries, seed=seed, num_episodes=n).take(n)
+
+
+# --- the base -----------------------------------------------------------------------------------
+
+
+def _new_base(cfg: PocketConfig, tok):
+    return build_tiny_llama(tokenizer=tok, hidden_size=cfg.hidden, num_layers=cfg.layers, num_heads=cfg.heads,
+                            num_kv_heads=cfg.kv_heads, intermediate_size=cfg.mlp, max_position_embeddings=512)
+
+
+def _icl_score(model, episodes, tok) -> float:
+    model.eval()
+    return evaluate(icl(model, tok, FMT), episodes, tok, FMT).accuracy
+
+
+def train_base(cfg: PocketConfig, suite, tok, out_dir: Path):
+    """Pretrain the base from scratch as an in-context learner; early-stop on validation ICL accuracy."""
+    model = _new_base(cfg, tok)
+    val = fixed_episodes(select(suite["validation"], cfg), cfg.val_episodes, 2, seed=1)
+    tcfg = TrainConfig(steps=cfg.base_steps, lr=cfg.base_lr, warmup_steps=min(100, cfg.base_steps // 10),
+                       final_lr_fraction=0.1, eval_every=cfg.eval_every, patience=cfg.patience,
+                       out_dir=str(out_dir / "run"), progress=cfg.progress, log_every=50)
+    trainee = LMTrainee(model)
+    records = train(trainee, icl_batches(select(suite["train"], cfg), tok, cfg.base_batch,
+                                         repeat_demo_prob=cfg.repeat_demo_prob), tcfg,
+                    evaluate=lambda m, step: _icl_score(m.model, val, tok))
+    best = out_dir / "run" / "best" / "model"
+    if best.exists():
+        trainee.load_trainable(best)
+    model.save_pretrained(out_dir)
+    (out_dir / "train_log.json").write_text(json.dumps(records))
+    return model.eval()
+
+
+def load_base(cfg: PocketConfig, suite, tok):
+    """The shipped/cached base if there is one, else train it (and cache it)."""
+    from transformers import LlamaForCausalLM
+
+    for d in [Path(cfg.base_dir)] if cfg.base_dir else []:
+        if (d / "model.safetensors").exists():
+            return LlamaForCausalLM.from_pretrained(d, local_files_only=True).float().eval(), d
+    d = Path(cfg.cache_dir) / "base"
+    if (d / "model.safetensors").exists():
+        return LlamaForCausalLM.from_pretrained(d, local_files_only=True).float().eval(), d
+    return train_base(cfg, suite, tok, d), d
+
+
+# --- HyperLlama and Gisting -----------------------------------------------------------------------
+
+
+def _fresh_base(base_dir: Path):
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM.from_pretrained(base_dir, local_files_only=True).float().eval()
+
+
+def train_hyper(cfg: PocketConfig, suite, tok, base_dir: Path, k: int, seed: int) -> tuple[HyperLlama, list]:
+    """Hyperpretrain, then multi-task train one HyperLlama (cached in cache_dir/hyper-k{k}-s{seed})."""
+    gist = gist_token_ids(tok)[:k]
+    run = Path(cfg.cache_dir) / f"hyper-k{k}-s{seed}"
+    hcfg = HyperConfig(num_gist_tokens=k, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, seed=seed)
+    hyper = HyperLlama(_fresh_base(base_dir), gist, hcfg)
+    if (run / "final" / "hyper_config.json").exists():
+        hyper.load_trainable(run / "final")
+        return hyper, _read_log(run / "multitask" / "metrics.jsonl")
+    train_tasks = select(suite["train"], cfg)
+    if cfg.hyperpretrain_steps:
+        corpus = load_pocket_corpus()  # runs of training-task examples (all families)
+        ctx = 24 if cfg.tier == "smoke" else 48
+        pre = TrainConfig(steps=cfg.hyperpretrain_steps, lr=cfg.hyper_lr, warmup_steps=min(20, cfg.hyperpretrain_steps),
+                          out_dir=str(run / "hyperpretrain"), progress=cfg.progress, seed=seed, log_every=25)
+        train(hyper, hyperpretrain_batches(corpus, tok, gist, cfg.tasks_per_batch, ctx, 16, seed=seed), pre)
+    val = fixed_episodes(select(suite["validation"], cfg), cfg.val_episodes, 2, seed=1)
+
+    def val_score(h, step):
+        h.eval()
+        with torch.no_grad():
+            prefixes = hyper_prefixes(h, val, tok, FMT)
+            with h.downstream_mode():
+                return evaluate(with_prefixes("hyperllama", h.base, prefixes, tok, FMT), val, tok, FMT).accuracy
+
+    main = TrainConfig(steps=cfg.hyper_steps, lr=cfg.hyper_lr, warmup_steps=min(100, cfg.hyper_steps // 10),
+                       final_lr_fraction=0.1, eval_every=cfg.eval_every, patience=cfg.patience,
+                       out_dir=str(run / "multitask"), progress=cfg.progress, seed=seed, log_every=25)
+    records = train(hyper, hyper_batches(train_tasks, tok, gist, cfg.tasks_per_batch, cfg.queries_per_task,
+                                         seed=seed, repeat_demo_prob=cfg.repeat_demo_prob), main, evaluate=val_score)
+    best = run / "multitask" / "best" / "model"
+    if best.exists():
+        hyper.load_trainable(best)
+    hyper.save_pretrained(run / "final")
+    return hyper.eval(), records
+
+
+def train_gisting(cfg: PocketConfig, suite, tok, base_dir: Path, k: int):
+    """The base fine-tuned under the gist mask (Gisting); cached in cache_dir/gisting-k{k}."""
+    gist = gist_token_ids(tok)[:k]
+    run = Path(cfg.cache_dir) / f"gisting-k{k}"
+    model = _fresh_base(base_dir)
+    trainee = LMTrainee(model, mask="gist", gist_token_ids=gist)
+    if (run / "final" / "model.safetensors").exists():
+        trainee.load_trainable(run / "final")
+        return model.eval(), _read_log(run / "run" / "metrics.jsonl")
+    val = fixed_episodes(select(suite["validation"], cfg), cfg.val_episodes, 2, seed=1)
+
+    def val_score(t, step):
+        t.eval()
+        prefixes = gist_prefixes(t.model, val, tok, gist, FMT)
+        return evaluate(with_prefixes("gisting", t.model, prefixes, tok, FMT, bos=False), val, tok, FMT).accuracy
+
+    tcfg = TrainConfig(steps=cfg.gisting_steps, lr=cfg.gisting_lr, warmup_steps=min(50, cfg.gisting_steps // 10),
+                       final_lr_fraction=0.1, eval_every=cfg.eval_every, patience=cfg.patience,
+                       out_dir=str(run / "run"), progress=cfg.progress, log_every=25)
+    records = train(trainee, gisting_batches(select(suite["train"], cfg), tok, gist, cfg.base_batch,
+                                             repeat_demo_prob=cfg.repeat_demo_prob), tcfg, evaluate=val_score)
+    best = run / "run" / "best" / "model"
+    if best.exists():
+        trainee.load_trainable(best)
+    trainee.save_pretrained(run / "final")
+    return model.eval(), records
+
+
+def _read_log(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+# --- evaluation ---------------------------------------------------------------------------------
+
+
+def _levels(episodes, tasks_by_name) -> list[str]:
+    return [str(tasks_by_name[ep.task].meta.get("level", "?")) for ep in episodes]
+
+
+def _by_level(result, levels: list[str]) -> dict[str, float]:
+    out: dict[str, list[float]] = {}
+    for v, lvl in zip(result.per_episode, levels):
+        out.setdefault(lvl, []).append(v)
+    return {lvl: sum(v) / len(v) for lvl, v in sorted(out.items())}
+
+
+def compression(cfg: PocketConfig, base, episodes, tok, k: int) -> dict:
+    """Demo tokens per gist token and prefix KV bytes vs the demos' KV bytes (float32)."""
+    gist = gist_token_ids(tok)[:k]
+    demo_tokens = [len(render_hyper_input(ep, tok, gist, FMT)) - k for ep in episodes]
+    mean_demo = sum(demo_tokens) / len(demo_tokens)
+    c = base.config
+    per_token = c.num_hidden_layers * 2 * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 4
+    return {"k": k, "mean_demo_tokens": mean_demo, "demo_tokens_per_gist_token": mean_demo / k,
+            "prefix_kv_bytes": per_token * k, "demo_kv_bytes": per_token * mean_demo,
+            "kv_ratio": k / mean_demo}
+
+
+def run_pocket(cfg: PocketConfig) -> dict:
+    """Run the whole pocket course; returns the summary (also written to out_dir/summary.json)."""
+    from gistlib.report import write_report
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    t0 = time.perf_counter()
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    suite = load_pocket_suite()
+    tok = pocket_tokenizer(16)
+    timings: dict[str, float] = {}
+
+    def lap(name):
+        timings[name] = round(time.perf_counter() - t0 - sum(timings.values()), 1)
+
+    base, base_dir = load_base(cfg, suite, tok)
+    lap("base")
+    test_tasks = select(suite["test"], cfg)
+    by_name = {t.name: t for t in test_tasks}
+    test = fixed_episodes(test_tasks, cfg.test_episodes, cfg.queries_per_episode, seed=12345)
+    levels = _levels(test, by_name)
+    results: dict[str, dict] = {}
+
+    def record(key, res):
+        results[key] = {**res.as_dict(), "by_level": _by_level(res, levels)}
+
+    record("zero_shot", evaluate(zero_shot(base, tok, FMT), test, tok, FMT))
+    record("icl", evaluate(icl(base, tok, FMT), test, tok, FMT))
+    lap("baselines")
+
+    k0 = cfg.num_gist_tokens
+    gist_model, gist_log = train_gisting(cfg, suite, tok, base_dir, k0)
+    record("gisting", evaluate(with_prefixes("gisting", gist_model, gist_prefixes(gist_model, test, tok,
+                                             gist_token_ids(tok)[:k0], FMT), tok, FMT, bos=False), test, tok, FMT))
+    lap("gisting")
+
+    per_seed, logs, sweep = {}, {"gisting": gist_log}, {}
+    main_hyper = None
+    runs = [(k0, s) for s in cfg.seeds] + [(k, cfg.seeds[0]) for k in cfg.gist_counts if k != k0]
+    for k, seed in tqdm(runs, desc="hyperllama runs", disable=not cfg.progress):
+        hyper, log = train_hyper(cfg, suite, tok, base_dir, k, seed)
+        with torch.no_grad():
+            prefixes = hyper_prefixes(hyper, test, tok, FMT)
+            with hyper.downstream_mode():
+                res = evaluate(with_prefixes("hyperllama", hyper.base, prefixes, tok, FMT), test, tok, FMT)
+        entry = {**res.as_dict(), "by_level": _by_level(res, levels)}
+        if k == k0:
+            per_seed[str(seed)] = entry
+            logs[f"hyperllama_seed{seed}"] = log
+            if main_hyper is None:
+                main_hyper, main_prefixes = hyper, prefixes
+        sweep.setdefault(str(k), entry)  # for k0: the first seed
+    accs = [v["accuracy"] for v in per_seed.values()]
+    results["hyperllama"] = {**per_seed[str(cfg.seeds[0])], "per_seed": per_seed,
+                             "mean_over_seeds": sum(accs) / len(accs)}
+    lap("hyperllama")
+
+    ladder = prefix_ladder(cfg, main_hyper, main_prefixes, test, tok)
+    lap("prefix_ladder")
+
+    summary = {
+        "tier": cfg.tier,
+        "config": asdict(cfg),
+        "normalisation": NORMALISATION,
+        "methods": results,
+        "prefix_tuning": ladder,
+        "gist_sweep": sweep,
+        "compression": [compression(cfg, base, test, tok, k) for k in cfg.gist_counts],
+        "timings_s": timings,
+        "wall_time_s": round(time.perf_counter() - t0, 1),
+        "logs": logs,
+    }
+    write_report(summary, out)
+    return summary
+
+
+def prefix_ladder(cfg: PocketConfig, hyper: HyperLlama, hyper_pref, test, tok) -> dict:
+    """Prefix tuning from three starts on the first `prefix_episodes` test episodes; accuracy per budget."""
+    episodes = test[: cfg.prefix_episodes]
+    start_hyper = hyper_pref.rows(list(range(len(episodes))))
+    word_ids = [i for t, i in tok.get_vocab().items() if i not in tok.all_special_ids]
+    starts = {
+        "prefix_tuning_random": random_prefix(start_hyper, len(episodes), seed=0),
+        "prefix_tuning_vocab": None,
+        "prefix_tuning_hyperllama": start_hyper,
+    }
+    out: dict[str, dict] = {}
+    with hyper.downstream_mode():
+        model = hyper.base
+        starts["prefix_tuning_vocab"] = vocab_prefix(model, word_ids, len(episodes), hyper.config.num_gist_tokens, seed=0)
+        for name, init in tqdm(starts.items(), desc="prefix tuning", disable=not cfg.progress):
+            per_budget = {}
+
+            def on_budget(steps, prefix, name=name, per_budget=per_budget):
+                res = evaluate(with_prefixes(name, model, prefix, tok, FMT), episodes, tok, FMT)
+                per_budget[str(steps)] = res.as_dict()
+
+            tune_prefixes(model, init, episodes, tok, FMT, cfg.prefix_budgets, cfg.prefix_lr, on_budget)
+            out[name] = per_budget
+    return out

@@ -1,0 +1,156 @@
+"""Results of the pocket course as files a person reads: summary.json, results.md, PNG plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+__all__ = ["write_report", "results_table", "plot_methods", "plot_prefix_ladder", "plot_losses", "plot_tradeoff"]
+
+METHOD_ORDER = ("zero_shot", "icl", "gisting", "hyperllama")
+
+
+def _fmt(entry: dict) -> str:
+    lo, hi = entry["ci95"]
+    return f"{entry['accuracy']:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def results_table(summary: dict) -> str:
+    """Markdown: methods (accuracy, 95% CI, n, by level), seeds, the prefix ladder, gist sweep, compression."""
+    m = summary["methods"]
+    levels = sorted({lvl for e in m.values() for lvl in e.get("by_level", {})})
+    lines = ["| method | accuracy [95% CI] | episodes | " + " | ".join(levels) + " |",
+             "|---|---|---|" + "---|" * len(levels)]
+    for name in METHOD_ORDER:
+        if name in m:
+            e = m[name]
+            lines.append(f"| {name} | {_fmt(e)} | {e['n_episodes']} | "
+                         + " | ".join(f"{e['by_level'].get(lvl, float('nan')):.3f}" for lvl in levels) + " |")
+    seeds = m.get("hyperllama", {}).get("per_seed", {})
+    if seeds:
+        lines += ["", "HyperLlama per seed: " + ", ".join(f"seed {s}: {_fmt(e)}" for s, e in seeds.items())
+                  + f"; mean {m['hyperllama']['mean_over_seeds']:.3f}"]
+    ladder = summary.get("prefix_tuning", {})
+    if ladder:
+        budgets = list(next(iter(ladder.values())).keys())
+        lines += ["", "| prefix tuning start | " + " | ".join(f"{b} steps" for b in budgets) + " |",
+                  "|---|" + "---|" * len(budgets)]
+        for name, per in ladder.items():
+            lines.append(f"| {name.removeprefix('prefix_tuning_')} | "
+                         + " | ".join(f"{per[b]['accuracy']:.3f}" for b in budgets) + " |")
+    sweep = summary.get("gist_sweep", {})
+    if len(sweep) > 1:
+        lines += ["", "| gist tokens k | hyperllama accuracy [95% CI] | " + " | ".join(levels) + " |",
+                  "|---|---|" + "---|" * len(levels)]
+        for k in sorted(sweep, key=int):
+            e = sweep[k]
+            lines.append(f"| {k} | {_fmt(e)} | " + " | ".join(f"{e['by_level'].get(lvl, float('nan')):.3f}"
+                                                              for lvl in levels) + " |")
+    comp = summary.get("compression", [])
+    if comp:
+        lines += ["", "| k | demo tokens (mean) | demo tokens per gist token | prefix KV bytes | demo KV bytes |",
+                  "|---|---|---|---|---|"]
+        for c in comp:
+            lines.append(f"| {c['k']} | {c['mean_demo_tokens']:.1f} | {c['demo_tokens_per_gist_token']:.1f} | "
+                         f"{c['prefix_kv_bytes']:,} | {c['demo_kv_bytes']:,.0f} |")
+    return "\n".join(lines)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_methods(summary: dict):
+    """Bar chart: accuracy per method with 95% intervals."""
+    plt = _plt()
+    m = summary["methods"]
+    names = [n for n in METHOD_ORDER if n in m]
+    acc = [m[n]["accuracy"] for n in names]
+    err = [[a - m[n]["ci95"][0] for n, a in zip(names, acc)], [m[n]["ci95"][1] - a for n, a in zip(names, acc)]]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar(names, acc, yerr=err, capsize=4, color=["#999", "#4a7", "#c84", "#47c"][: len(names)])
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy (held-out tasks)")
+    ax.set_title(f"methods, {m[names[0]]['n_episodes']} test episodes, 95% CI")
+    fig.tight_layout()
+    return fig
+
+
+def plot_prefix_ladder(summary: dict):
+    """Prefix-tuning accuracy against steps, one line per start, with 95% bands."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, per in summary["prefix_tuning"].items():
+        steps = [int(b) for b in per]
+        acc = [per[b]["accuracy"] for b in per]
+        lo = [per[b]["ci95"][0] for b in per]
+        hi = [per[b]["ci95"][1] for b in per]
+        ax.plot(steps, acc, marker="o", label=name.removeprefix("prefix_tuning_"))
+        ax.fill_between(steps, lo, hi, alpha=0.15)
+    ax.set_xscale("symlog", linthresh=10)
+    ax.set_xlabel("prefix-tuning steps")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.legend()
+    ax.set_title("prefix tuning from three starts")
+    fig.tight_layout()
+    return fig
+
+
+def plot_losses(summary: dict):
+    """Training loss curves of every trained model."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, log in summary.get("logs", {}).items():
+        if log:
+            ax.plot([r["step"] for r in log], [r["loss"] for r in log], label=name, lw=1)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def plot_tradeoff(summary: dict):
+    """Compression trade-off: hyperllama accuracy against k (one line per level), ICL as dashed lines."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    sweep = summary.get("gist_sweep", {})
+    ks = sorted(sweep, key=int)
+    icl_levels = summary["methods"]["icl"]["by_level"]
+    for i, lvl in enumerate(sorted(icl_levels)):
+        color = f"C{i}"
+        ax.plot([int(k) for k in ks], [sweep[k]["by_level"].get(lvl, float("nan")) for k in ks], marker="o",
+                color=color, label=f"hyperllama {lvl}")
+        ax.axhline(icl_levels[lvl], color=color, ls="--", lw=1, label=f"icl {lvl}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("gist tokens k")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title("compression: accuracy vs k and task difficulty")
+    fig.tight_layout()
+    return fig
+
+
+def write_report(summary: dict, out: Path) -> dict[str, Path]:
+    """summary.json, results.md and the PNG plots into `out`; returns the paths."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"summary": out / "summary.json", "table": out / "results.md"}
+    paths["summary"].write_text(json.dumps(summary, indent=1))
+    paths["table"].write_text(results_table(summary) + "\n")
+    plt = _plt()
+    for name, fn in [("methods", plot_methods), ("prefix_tuning", plot_prefix_ladder), ("losses", plot_losses),
+                     ("tradeoff", plot_tradeoff)]:
+        fig = fn(summary)
+        paths[name] = out / f"{name}.png"
+        fig.savefig(paths[name], dpi=110)
+        plt.close(fig)
+    return paths
