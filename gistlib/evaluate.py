@@ -194,7 +194,7 @@ def _generation(method: Method, items, tokenizer, batch_size, max_new_tokens) ->
                                     tokenizer.eos_token_id, tokenizer.pad_token_id)
         for (_, _, q), out in zip(chunk, outs):
             text = tokenizer.decode([t for t in out if t != tokenizer.eos_token_id]).strip()
-            refs = q.all_references()
+            refs = q.all_references
             em.append(exact_match(text, refs))
             rl.append(rouge_l(text, refs))
     return em, rl

@@ -1,0 +1,93 @@
+"""Evaluation: rank classification against a plain per-choice loop, gisting via gist caching, intervals."""
+
+import torch
+
+from gistlib.data import COMPACT, Episode, Example, answer_ids, pocket_tokenizer, render_icl_prompt
+from gistlib.evaluate import bootstrap_interval, evaluate, gist_prefixes, icl, with_prefixes, zero_shot
+from gistlib.lm import LMTrainee
+from gistlib.models import build_tiny_llama, gist_token_ids
+
+TOK = pocket_tokenizer(4)
+WORDS = ["fama", "muso", "lufu", "bado", "kepi", "rasu"]
+
+
+def episodes():
+    symbols = ["GO", "DA", "KI"]
+    out = []
+    for e in range(5):
+        demos = [Example(w, symbols[(i + e) % 3], symbols) for i, w in enumerate(WORDS[:3])]
+        queries = [Example(w, symbols[(i + e) % 3], symbols) for i, w in enumerate(WORDS[3:])]
+        out.append(Episode(f"t{e}", demos, queries))
+    return out
+
+
+def test_rank_classification_matches_a_plain_loop():
+    model = build_tiny_llama(tokenizer=TOK, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
+                             intermediate_size=64, initializer_range=0.2, seed=3)
+    eps = episodes()
+    res = evaluate(icl(model, TOK, COMPACT), eps, TOK, COMPACT, batch_size=7)
+    expected = []
+    for ep in eps:
+        hits = []
+        for q in ep.queries:
+            prompt = render_icl_prompt(ep, q, TOK, COMPACT, 1024, reserve=8)
+            scores = []
+            for c in q.choices:
+                ids = torch.tensor([prompt + answer_ids(c, TOK, COMPACT)])
+                logp = model(ids).logits[0, :-1].log_softmax(-1)  # HF's own causal mask
+                tgt = ids[0, len(prompt):]
+                scores.append(logp[len(prompt) - 1 :].gather(1, tgt[:, None]).sum().item())
+            hits.append(q.choices[max(range(len(scores)), key=scores.__getitem__)] == q.output)
+        expected.append(sum(hits) / len(hits))
+    assert res.per_episode == expected
+    assert res.n == 5 and res.low <= res.accuracy <= res.high
+    assert 0 <= evaluate(zero_shot(model, TOK, COMPACT), eps, TOK, COMPACT).accuracy <= 1
+
+
+def test_gisting_by_gist_caching_equals_the_single_sequence():
+    model = build_tiny_llama(tokenizer=TOK, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
+                             intermediate_size=64, initializer_range=0.2, seed=4)
+    gist = gist_token_ids(TOK)[:2]
+    eps = episodes()
+    prefixes = gist_prefixes(model, eps, TOK, gist, COMPACT)
+    method = with_prefixes("gisting", model, prefixes, TOK, COMPACT, bos=False)
+    from gistlib.data import collate, render_gisting
+
+    trainee = LMTrainee(model, mask="gist", gist_token_ids=gist)
+    for e, ep in enumerate(eps):
+        rows = [render_gisting(ep, q, TOK, gist, COMPACT) for q in ep.queries]
+        b = collate(rows, TOK.pad_token_id)
+        single, _ = trainee.score(b["input_ids"], b["attention_mask"], b["labels"])
+        from gistlib.data.render import query_ids
+
+        q_rows = [(query_ids(q, TOK, COMPACT) + answer_ids(q.output, TOK, COMPACT),
+                   [-100] * len(query_ids(q, TOK, COMPACT)) + answer_ids(q.output, TOK, COMPACT)) for q in ep.queries]
+        qb = collate(q_rows, TOK.pad_token_id)
+        from gistlib.scoring import sequence_logprobs
+
+        cached = sequence_logprobs(method.logits(torch.tensor([e] * len(q_rows)), qb), qb["labels"])[0]
+        torch.testing.assert_close(cached, single, atol=1e-4, rtol=1e-4)
+
+
+def test_generation_scores_exact_match():
+    """A model that always answers the same token: exact match counts the queries whose answer it is."""
+    model = build_tiny_llama(tokenizer=TOK, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                             intermediate_size=64)
+    target = TOK.convert_tokens_to_ids("GO")
+
+    class AlwaysGo(torch.nn.Module):
+        def forward(self, x):  # (B, L, d) -> logits (B, L, V) with GO on top
+            out = torch.zeros(*x.shape[:-1], len(TOK))
+            out[..., target] = 1.0
+            return out
+
+    model.lm_head = AlwaysGo()
+    eps = [Episode("g", [Example("fama", "GO")], [Example("muso", "GO"), Example("lufu", "DA")])]
+    res = evaluate(icl(model, TOK, COMPACT), eps, TOK, COMPACT, max_new_tokens=1)
+    assert res.per_episode == [0.5] and res.rouge_l is not None
+
+
+def test_bootstrap_interval():
+    lo, hi = bootstrap_interval([0.0, 1.0] * 50)
+    assert lo < 0.5 < hi and hi - lo < 0.3
+    assert bootstrap_interval([1.0] * 10) == (1.0, 1.0)

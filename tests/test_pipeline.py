@@ -1,0 +1,63 @@
+"""The pocket course in smoke tier: every method gives a number, every file exists, the cache is reused."""
+
+import json
+
+import pytest
+
+from gistlib.pipeline import PocketConfig, run_pocket, tier_config
+
+METHODS = ("zero_shot", "icl", "gisting", "hyperllama")
+STARTS = ("prefix_tuning_random", "prefix_tuning_vocab", "prefix_tuning_hyperllama")
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    root = tmp_path_factory.mktemp("smoke")
+    cfg = tier_config("smoke", out_dir=str(root / "results"), cache_dir=str(root / "runs"), progress=False)
+    return cfg, run_pocket(cfg)
+
+
+def test_every_method_produced_a_number(smoke):
+    cfg, summary = smoke
+    for name in METHODS:
+        entry = summary["methods"][name]
+        assert 0.0 <= entry["accuracy"] <= 1.0
+        assert entry["ci95"][0] <= entry["accuracy"] <= entry["ci95"][1]
+        assert entry["n_episodes"] == cfg.test_episodes
+    assert set(summary["methods"]["hyperllama"]["per_seed"]) == {str(s) for s in cfg.seeds}
+    for start in STARTS:
+        assert set(summary["prefix_tuning"][start]) == {str(b) for b in cfg.prefix_budgets}
+        assert all(0 <= v["accuracy"] <= 1 for v in summary["prefix_tuning"][start].values())
+    assert set(summary["gist_sweep"]) == {str(k) for k in cfg.gist_counts}
+    comp = {c["k"]: c for c in summary["compression"]}
+    assert comp[cfg.num_gist_tokens]["kv_ratio"] == pytest.approx(
+        comp[cfg.num_gist_tokens]["prefix_kv_bytes"] / comp[cfg.num_gist_tokens]["demo_kv_bytes"])
+
+
+def test_files_exist(smoke):
+    cfg, _ = smoke
+    out = cfg.out_dir
+    from pathlib import Path
+
+    for name in ("summary.json", "results.md", "methods.png", "prefix_tuning.png", "losses.png", "tradeoff.png"):
+        assert (Path(out) / name).stat().st_size > 0, name
+    table = (Path(out) / "results.md").read_text()
+    assert all(m in table for m in METHODS)
+    assert json.loads((Path(out) / "summary.json").read_text())["tier"] == "smoke"
+
+
+def test_second_run_reuses_the_cache(smoke):
+    cfg, first = smoke
+    again = run_pocket(cfg)
+    assert again["methods"]["hyperllama"]["per_seed"] == first["methods"]["hyperllama"]["per_seed"]
+    assert again["methods"]["gisting"]["accuracy"] == first["methods"]["gisting"]["accuracy"]
+    assert again["timings_s"]["hyperllama"] < first["timings_s"]["hyperllama"] + 5
+
+
+def test_bad_config_values_name_the_field():
+    with pytest.raises(ValueError, match="PocketConfig.num_gist_tokens"):
+        PocketConfig(num_gist_tokens=0)
+    with pytest.raises(ValueError, match="unknown PocketConfig field"):
+        tier_config("smoke", hyper_stepz=3)
+    with pytest.raises(ValueError, match="unknown tier"):
+        tier_config("huge")
