@@ -54,7 +54,9 @@ def use_gistlib_attention(model: PreTrainedModel) -> PreTrainedModel:
     if current.startswith(GISTLIB_PREFIX):
         return model
     if current not in ("sdpa", "eager"):
-        raise ValueError(f"gistlib wraps sdpa or eager attention, this model uses {current!r}: "
-                         "load it with attn_implementation='sdpa'")
+        raise ValueError(
+            f"gistlib wraps sdpa or eager attention, this model uses {current!r}: "
+            "load it with attn_implementation='sdpa'"
+        )
     model.set_attn_implementation(GISTLIB_PREFIX + current)
     return model

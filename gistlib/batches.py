@@ -32,12 +32,22 @@ __all__ = ["icl_batches", "gisting_batches", "hyper_batches", "hyperpretrain_bat
 
 
 def _episodes(tasks, seed, num_queries, repeat_demo_prob, num_demos=None):
-    return iter(EpisodeSampler(tasks, num_demos=num_demos, num_queries=num_queries, seed=seed,
-                               repeat_demo_prob=repeat_demo_prob))
+    return iter(
+        EpisodeSampler(
+            tasks, num_demos=num_demos, num_queries=num_queries, seed=seed, repeat_demo_prob=repeat_demo_prob
+        )
+    )
 
 
-def icl_batches(tasks: Sequence[Task], tokenizer, batch_size: int, seed: int = 0, fmt: RenderFormat = COMPACT,
-                max_tokens: int = 256, repeat_demo_prob: float = 0.0) -> Iterator[dict[str, torch.Tensor]]:
+def icl_batches(
+    tasks: Sequence[Task],
+    tokenizer,
+    batch_size: int,
+    seed: int = 0,
+    fmt: RenderFormat = COMPACT,
+    max_tokens: int = 256,
+    repeat_demo_prob: float = 0.0,
+) -> Iterator[dict[str, torch.Tensor]]:
     """`input_ids`, `attention_mask`, `labels` (B, L): one query per episode, demos in context."""
     episodes = _episodes(tasks, seed, 1, repeat_demo_prob)
     while True:
@@ -48,9 +58,16 @@ def icl_batches(tasks: Sequence[Task], tokenizer, batch_size: int, seed: int = 0
         yield collate(rows, tokenizer.pad_token_id)
 
 
-def gisting_batches(tasks: Sequence[Task], tokenizer, gist_ids: list[int], batch_size: int, seed: int = 0,
-                    fmt: RenderFormat = COMPACT, max_tokens: int = 256,
-                    repeat_demo_prob: float = 0.0) -> Iterator[dict[str, torch.Tensor]]:
+def gisting_batches(
+    tasks: Sequence[Task],
+    tokenizer,
+    gist_ids: list[int],
+    batch_size: int,
+    seed: int = 0,
+    fmt: RenderFormat = COMPACT,
+    max_tokens: int = 256,
+    repeat_demo_prob: float = 0.0,
+) -> Iterator[dict[str, torch.Tensor]]:
     """Single-sequence gisting rows (B, L), labels on the answer."""
     episodes = _episodes(tasks, seed, 1, repeat_demo_prob)
     while True:
@@ -61,9 +78,18 @@ def gisting_batches(tasks: Sequence[Task], tokenizer, gist_ids: list[int], batch
         yield collate(rows, tokenizer.pad_token_id)
 
 
-def hyper_batches(tasks: Sequence[Task], tokenizer, gist_ids: list[int], tasks_per_batch: int,
-                  queries_per_task: int, seed: int = 0, fmt: RenderFormat = COMPACT, max_hyper_tokens: int = 256,
-                  max_tokens: int = 64, repeat_demo_prob: float = 0.0) -> Iterator[dict[str, torch.Tensor]]:
+def hyper_batches(
+    tasks: Sequence[Task],
+    tokenizer,
+    gist_ids: list[int],
+    tasks_per_batch: int,
+    queries_per_task: int,
+    seed: int = 0,
+    fmt: RenderFormat = COMPACT,
+    max_hyper_tokens: int = 256,
+    max_tokens: int = 64,
+    repeat_demo_prob: float = 0.0,
+) -> Iterator[dict[str, torch.Tensor]]:
     """HyperLlama batches: `hyper_*` (T, Lh) left padded, downstream (T*Q, L) with `task_index` (T*Q,)."""
     episodes = _episodes(tasks, seed, queries_per_task, repeat_demo_prob)
     while True:
@@ -76,13 +102,23 @@ def hyper_batches(tasks: Sequence[Task], tokenizer, gist_ids: list[int], tasks_p
                 index.append(t)
         h = collate(hyper_rows, tokenizer.pad_token_id, padding_side="left")
         d = collate(down_rows, tokenizer.pad_token_id)
-        yield {"hyper_input_ids": h["input_ids"], "hyper_attention_mask": h["attention_mask"], **d,
-               "task_index": torch.tensor(index)}
+        yield {
+            "hyper_input_ids": h["input_ids"],
+            "hyper_attention_mask": h["attention_mask"],
+            **d,
+            "task_index": torch.tensor(index),
+        }
 
 
-def hyperpretrain_batches(documents: Sequence[str], tokenizer, gist_ids: list[int], batch_size: int,
-                          context_tokens: int = 48, continuation_tokens: int = 16,
-                          seed: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+def hyperpretrain_batches(
+    documents: Sequence[str],
+    tokenizer,
+    gist_ids: list[int],
+    batch_size: int,
+    context_tokens: int = 48,
+    continuation_tokens: int = 16,
+    seed: int = 0,
+) -> Iterator[dict[str, torch.Tensor]]:
     """Hyperpretraining on plain text: the hypernetwork reads a context segment (then the gists), the
     downstream model predicts the continuation (loss on every continuation token) from the prefix alone.
     Documents shorter than context + continuation + 1 tokens are skipped (counted in `ValueError` if none fit).

@@ -1,8 +1,8 @@
 """Command line: `python -m gistlib <command>`.
 
-    tour     tiny model, gist mask, canonical prefix, exact-caching check (seconds)
-    course   the pocket course end to end (base, HyperLlama, Gisting, evaluation, prefix ladder)
-    train    train one HyperLlama on the pocket suite from a JSON config (works under `accelerate launch`)
+tour     tiny model, gist mask, canonical prefix, exact-caching check (seconds)
+course   the pocket course end to end (base, HyperLlama, Gisting, evaluation, prefix ladder)
+train    train one HyperLlama on the pocket suite from a JSON config (works under `accelerate launch`)
 """
 
 from __future__ import annotations

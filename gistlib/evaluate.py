@@ -38,8 +38,18 @@ from gistlib.prefix import (
 )
 from gistlib.scoring import sequence_logprobs
 
-__all__ = ["Method", "zero_shot", "icl", "gisting", "with_prefixes", "hyper_prefixes", "gist_prefixes",
-           "evaluate", "EvalResult", "bootstrap_interval"]
+__all__ = [
+    "Method",
+    "zero_shot",
+    "icl",
+    "gisting",
+    "with_prefixes",
+    "hyper_prefixes",
+    "gist_prefixes",
+    "evaluate",
+    "EvalResult",
+    "bootstrap_interval",
+]
 
 NORMALISATION = "sum of token log-probabilities over the choice and EOS (no length normalisation)"
 
@@ -62,44 +72,58 @@ class Method:
 def _causal_logits(model):
     def run(_, batch):
         mask = make_causal_mask(batch["input_ids"], attention_mask=batch["attention_mask"])
-        return forward_with_mask(model, mask, positions_from_mask(batch["attention_mask"]),
-                                 input_ids=batch["input_ids"]).logits
+        return forward_with_mask(
+            model, mask, positions_from_mask(batch["attention_mask"]), input_ids=batch["input_ids"]
+        ).logits
+
     return run
 
 
 def _prefix_logits(model, prefixes: Prefix):
     def run(episode_index, batch):
-        return forward_with_prefix(model, prefixes.rows(episode_index), batch["input_ids"],
-                                   batch["attention_mask"]).logits
+        return forward_with_prefix(
+            model, prefixes.rows(episode_index), batch["input_ids"], batch["attention_mask"]
+        ).logits
+
     return run
 
 
 def zero_shot(model, tokenizer, fmt: RenderFormat) -> Method:
     """The base model on `[BOS] query`: what the model knows without demos (chance by construction)."""
-    return Method("zero_shot", lambda e, ep, q: render_downstream_prompt(q, tokenizer, fmt, task=ep.task),
-                  _causal_logits(model), model)
+    return Method(
+        "zero_shot",
+        lambda e, ep, q: render_downstream_prompt(q, tokenizer, fmt, task=ep.task),
+        _causal_logits(model),
+        model,
+    )
 
 
 def icl(model, tokenizer, fmt: RenderFormat, max_tokens: int = 1024) -> Method:
     """The base model with the demos in context under full attention."""
-    return Method("icl", lambda e, ep, q: render_icl_prompt(ep, q, tokenizer, fmt, max_tokens, reserve=8),
-                  _causal_logits(model), model)
+    return Method(
+        "icl",
+        lambda e, ep, q: render_icl_prompt(ep, q, tokenizer, fmt, max_tokens, reserve=8),
+        _causal_logits(model),
+        model,
+    )
 
 
-def with_prefixes(name: str, model, prefixes: Prefix, tokenizer, fmt: RenderFormat,
-                  bos: bool = True) -> Method:
+def with_prefixes(name: str, model, prefixes: Prefix, tokenizer, fmt: RenderFormat, bos: bool = True) -> Method:
     """The frozen `model` after episode e's prefix `prefixes.rows([e])`, reading `[BOS] query`.
 
     bos=False reads the query without BOS: the continuation of a gisting sequence `[BOS] demos G.. query`.
     """
+
     def prompt(e, ep, q):
         return render_downstream_prompt(q, tokenizer, fmt, task=ep.task) if bos else query_ids(q, tokenizer, fmt)
+
     return Method(name, prompt, _prefix_logits(model, prefixes), model, prefixes)
 
 
 @torch.no_grad()
-def hyper_prefixes(hyper, episodes: Sequence[Episode], tokenizer, fmt: RenderFormat, max_tokens: int = 1024,
-                   batch_size: int = 64) -> Prefix:
+def hyper_prefixes(
+    hyper, episodes: Sequence[Episode], tokenizer, fmt: RenderFormat, max_tokens: int = 1024, batch_size: int = 64
+) -> Prefix:
     """HyperLlama prefixes (n, E, H, k, hd), one per episode, from its demos."""
     gist_ids = hyper.gist_ids.tolist()
     out = []
@@ -111,8 +135,15 @@ def hyper_prefixes(hyper, episodes: Sequence[Episode], tokenizer, fmt: RenderFor
 
 
 @torch.no_grad()
-def gist_prefixes(model, episodes: Sequence[Episode], tokenizer, gist_ids: list[int], fmt: RenderFormat,
-                  max_tokens: int = 1024, batch_size: int = 64) -> Prefix:
+def gist_prefixes(
+    model,
+    episodes: Sequence[Episode],
+    tokenizer,
+    gist_ids: list[int],
+    fmt: RenderFormat,
+    max_tokens: int = 1024,
+    batch_size: int = 64,
+) -> Prefix:
     """Gist caching for a gisting model: its gist K/V over `[BOS] demos G..`, one prefix per episode."""
     out = []
     for i in range(0, len(episodes), batch_size):
@@ -124,8 +155,14 @@ def gist_prefixes(model, episodes: Sequence[Episode], tokenizer, gist_ids: list[
 
 def gisting(model, episodes, tokenizer, gist_ids, fmt: RenderFormat, max_tokens: int = 1024) -> Method:
     """Gisting (Mu et al.): the gisting model's own gist prefix, then the query (no BOS: same sequence)."""
-    return with_prefixes("gisting", model, gist_prefixes(model, episodes, tokenizer, gist_ids, fmt, max_tokens),
-                         tokenizer, fmt, bos=False)
+    return with_prefixes(
+        "gisting",
+        model,
+        gist_prefixes(model, episodes, tokenizer, gist_ids, fmt, max_tokens),
+        tokenizer,
+        fmt,
+        bos=False,
+    )
 
 
 @dataclass
@@ -190,8 +227,15 @@ def _generation(method: Method, items, tokenizer, batch_size, max_new_tokens) ->
         chunk = items[i : i + batch_size]
         b = collate([method.prompt(e, ep, q) for e, ep, q in chunk], tokenizer.pad_token_id, padding_side="left")
         prefix = method.prefixes.rows([e for e, _, _ in chunk]) if method.prefixes is not None else None
-        outs = generate_with_prefix(method.model, prefix, b["input_ids"], b["attention_mask"], max_new_tokens,
-                                    tokenizer.eos_token_id, tokenizer.pad_token_id)
+        outs = generate_with_prefix(
+            method.model,
+            prefix,
+            b["input_ids"],
+            b["attention_mask"],
+            max_new_tokens,
+            tokenizer.eos_token_id,
+            tokenizer.pad_token_id,
+        )
         for (_, _, q), out in zip(chunk, outs):
             text = tokenizer.decode([t for t in out if t != tokenizer.eos_token_id]).strip()
             refs = q.all_references
@@ -200,8 +244,15 @@ def _generation(method: Method, items, tokenizer, batch_size, max_new_tokens) ->
     return em, rl
 
 
-def evaluate(method: Method, episodes: Sequence[Episode], tokenizer, fmt: RenderFormat, batch_size: int = 256,
-             max_new_tokens: int = 16, seed: int = 0) -> EvalResult:
+def evaluate(
+    method: Method,
+    episodes: Sequence[Episode],
+    tokenizer,
+    fmt: RenderFormat,
+    batch_size: int = 256,
+    max_new_tokens: int = 16,
+    seed: int = 0,
+) -> EvalResult:
     """Accuracy per episode (rank classification, or exact match for generation), mean and 95% interval."""
     items = [(e, ep, q) for e, ep in enumerate(episodes) for q in ep.queries]
     classify = [it for it in items if it[2].choices]
@@ -222,5 +273,6 @@ def evaluate(method: Method, episodes: Sequence[Episode], tokenizer, fmt: Render
         per_episode.append(sum(vals) / len(vals))
     low, high = bootstrap_interval(per_episode, seed=seed)
     acc = sum(per_episode) / len(per_episode)
-    return EvalResult(method.name, per_episode, acc, low, high, len(per_episode),
-                      rouge_l=(sum(rouge) / len(rouge)) if rouge else None)
+    return EvalResult(
+        method.name, per_episode, acc, low, high, len(per_episode), rouge_l=(sum(rouge) / len(rouge)) if rouge else None
+    )

@@ -32,17 +32,17 @@ from transformers import PreTrainedModel
 
 from gistlib.attention import use_gistlib_attention
 from gistlib.masks import make_gist_mask
-from gistlib.scoring import sequence_logprobs, token_loss
 from gistlib.prefix import (
     Prefix,
-    gist_positions,
-    rope_inv_freq,
     forward_with_mask,
     generate_with_prefix,
+    gist_positions,
     positions_from_mask,
     prefixed_causal_mask,
+    rope_inv_freq,
     rotate_keys,
 )
+from gistlib.scoring import sequence_logprobs, token_loss
 
 __all__ = ["HyperConfig", "PrefixHead", "HyperLlama"]
 
@@ -59,7 +59,9 @@ class HyperConfig:
     lora_dropout: float = 0.0
     target_modules: tuple[str, ...] = LINEAR_MAPS  # LoRA on every linear map of every layer
     prefix_head: str = "identity"  # identity (paper) | linear | mlp, both residual and zero-initialised
-    gist_init: str = "random_tokens"  # random_tokens: copies of k real token embeddings | gist_tokens: rows of the gist ids
+    gist_init: str = (
+        "random_tokens"  # random_tokens: copies of k real token embeddings | gist_tokens: rows of the gist ids
+    )
     seed: int = 0
 
     def __post_init__(self):
@@ -75,8 +77,10 @@ class HyperConfig:
         }
         for name, ok in checks.items():
             if not ok:
-                raise ValueError(f"HyperConfig.{name} = {getattr(self, name)!r} is not allowed "
-                                 f"(see the comment on `{name}` in gistlib/hyper.py)")
+                raise ValueError(
+                    f"HyperConfig.{name} = {getattr(self, name)!r} is not allowed "
+                    f"(see the comment on `{name}` in gistlib/hyper.py)"
+                )
 
 
 class PrefixHead(nn.Module):
@@ -130,8 +134,10 @@ class HyperLlama(nn.Module):
         super().__init__()
         self.config = config or HyperConfig(num_gist_tokens=len(gist_token_ids))
         if len(gist_token_ids) != self.config.num_gist_tokens:
-            raise ValueError(f"got {len(gist_token_ids)} gist token ids for HyperConfig.num_gist_tokens = "
-                             f"{self.config.num_gist_tokens}: pass exactly one id per gist token")
+            raise ValueError(
+                f"got {len(gist_token_ids)} gist token ids for HyperConfig.num_gist_tokens = "
+                f"{self.config.num_gist_tokens}: pass exactly one id per gist token"
+            )
         for p in base.parameters():
             p.requires_grad_(False)
         use_gistlib_attention(base)
@@ -158,8 +164,10 @@ class HyperLlama(nn.Module):
         k = self.config.num_gist_tokens
         if self.config.gist_init == "gist_tokens":
             if max(gist_token_ids) >= vocab.shape[0]:
-                raise ValueError("gist_init='gist_tokens' needs the gist ids inside the vocabulary embedding; "
-                                 "use gist_init='random_tokens' or resize the embeddings")
+                raise ValueError(
+                    "gist_init='gist_tokens' needs the gist ids inside the vocabulary embedding; "
+                    "use gist_init='random_tokens' or resize the embeddings"
+                )
             rows = torch.tensor(gist_token_ids)
         else:
             g = torch.Generator().manual_seed(self.config.seed)
@@ -246,8 +254,10 @@ class HyperLlama(nn.Module):
         With gradient checkpointing on, use `loss_and_backward` (see there why).
         """
         if self.base.is_gradient_checkpointing and self.training and torch.is_grad_enabled():
-            raise RuntimeError("with gradient checkpointing on, call HyperLlama.loss_and_backward(...): the "
-                               "backward pass replays each layer, and must replay the downstream with adapters off")
+            raise RuntimeError(
+                "with gradient checkpointing on, call HyperLlama.loss_and_backward(...): the "
+                "backward pass replays each layer, and must replay the downstream with adapters off"
+            )
         prefix = self.make_prefix(hyper_input_ids, hyper_attention_mask)
         if task_index is not None:
             prefix = prefix.rows(task_index)
@@ -287,18 +297,27 @@ class HyperLlama(nn.Module):
     # --- using prefixes --------------------------------------------------------------------------
 
     @torch.no_grad()
-    def score(self, prefix: Prefix, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-              labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def score(
+        self, prefix: Prefix, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-likelihood of the labelled tokens per row (B,) and their count (B,), for rank classification."""
         return sequence_logprobs(self.downstream_logits(prefix, input_ids, attention_mask), labels)
 
     @torch.no_grad()
-    def generate(self, prefix: Prefix, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 max_new_tokens: int, eos_token_id: int | None = None, pad_token_id: int = 0) -> list[list[int]]:
+    def generate(
+        self,
+        prefix: Prefix,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        max_new_tokens: int,
+        eos_token_id: int | None = None,
+        pad_token_id: int = 0,
+    ) -> list[list[int]]:
         """Greedy answers of the downstream model, each row after its own prefix (cache path)."""
         with self.downstream_mode():
-            return generate_with_prefix(self.base, prefix, input_ids, attention_mask, max_new_tokens,
-                                        eos_token_id, pad_token_id)
+            return generate_with_prefix(
+                self.base, prefix, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id
+            )
 
     # --- what trains, and saving it --------------------------------------------------------------
 
@@ -325,8 +344,10 @@ class HyperLlama(nn.Module):
         """Rebuild a saved HyperLlama over `base` (the same base it was trained on)."""
         path = Path(path)
         if not (path / "hyper_config.json").exists():
-            raise FileNotFoundError(f"{path} holds no HyperLlama (no hyper_config.json): "
-                                    "point to a folder written by HyperLlama.save_pretrained")
+            raise FileNotFoundError(
+                f"{path} holds no HyperLlama (no hyper_config.json): "
+                "point to a folder written by HyperLlama.save_pretrained"
+            )
         meta = json.loads((path / "hyper_config.json").read_text())
         model = cls(base, meta["gist_token_ids"], HyperConfig(**meta["config"]))
         model.load_trainable(path)

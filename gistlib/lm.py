@@ -71,4 +71,6 @@ class LMTrainee(nn.Module):
         state = load_file(Path(path) / "model.safetensors")
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         if unexpected or [m for m in missing if "rotary" not in m]:
-            raise ValueError(f"{path}: weights do not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+            raise ValueError(
+                f"{path}: weights do not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )

@@ -86,11 +86,11 @@ def make_causal_mask(
 ) -> torch.Tensor:
     """Plain causal + padding mask, (B, 1, L, L) bool. With one pad token at position 0 (L=4)::
 
-        key   0 1 2 3
-        q0    x . . .      (a pad query sees only itself)
-        q1    . x . .
-        q2    . x x .
-        q3    . x x x
+    key   0 1 2 3
+    q0    x . . .      (a pad query sees only itself)
+    q1    . x . .
+    q2    . x x .
+    q3    . x x x
     """
     B, L = input_ids.shape
     pos = torch.arange(L, device=input_ids.device)
@@ -144,13 +144,13 @@ def negative_control_mask(
 ) -> torch.Tensor:
     """Negative control: tokens after the gists see neither the instruction nor the gists::
 
-        key   a b G G c d
-        a     x . . . . .
-        b     x x . . . .
-        G     x x x . . .
-        G     x x x x . .
-        c     . . . . x .
-        d     . . . . x x
+    key   a b G G c d
+    a     x . . . . .
+    b     x x . . . .
+    G     x x x . . .
+    G     x x x x . .
+    c     . . . . x .
+    d     . . . . x x
     """
     B, L = input_ids.shape
     _, last, _ = gist_span(input_ids, gist_token_ids)

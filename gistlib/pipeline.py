@@ -117,10 +117,31 @@ TIER_NAMES = ("smoke", "pocket")
 TIERS: dict[str, dict] = {
     "pocket": {},
     "smoke": dict(
-        tier="smoke", out_dir="results/smoke", cache_dir="runs/smoke", base_dir="", hidden=32, layers=2, heads=2,
-        kv_heads=1, mlp=64, base_steps=6, base_batch=16, num_gist_tokens=2, gist_sweep=(1,), seeds=(0, 1),
-        hyperpretrain_steps=2, hyper_steps=4, tasks_per_batch=4, queries_per_task=2, gisting_steps=4,
-        eval_every=2, patience=0, val_episodes=8, test_episodes=12, prefix_episodes=6, prefix_budgets=(0, 2, 4),
+        tier="smoke",
+        out_dir="results/smoke",
+        cache_dir="runs/smoke",
+        base_dir="",
+        hidden=32,
+        layers=2,
+        heads=2,
+        kv_heads=1,
+        mlp=64,
+        base_steps=6,
+        base_batch=16,
+        num_gist_tokens=2,
+        gist_sweep=(1,),
+        seeds=(0, 1),
+        hyperpretrain_steps=2,
+        hyper_steps=4,
+        tasks_per_batch=4,
+        queries_per_task=2,
+        gisting_steps=4,
+        eval_every=2,
+        patience=0,
+        val_episodes=8,
+        test_episodes=12,
+        prefix_episodes=6,
+        prefix_budgets=(0, 2, 4),
     ),
 }
 
@@ -152,8 +173,15 @@ def fixed_episodes(tasks: list[Task], n: int, queries: int, seed: int):
 
 
 def _new_base(cfg: PocketConfig, tok):
-    return build_tiny_llama(tokenizer=tok, hidden_size=cfg.hidden, num_layers=cfg.layers, num_heads=cfg.heads,
-                            num_kv_heads=cfg.kv_heads, intermediate_size=cfg.mlp, max_position_embeddings=512)
+    return build_tiny_llama(
+        tokenizer=tok,
+        hidden_size=cfg.hidden,
+        num_layers=cfg.layers,
+        num_heads=cfg.heads,
+        num_kv_heads=cfg.kv_heads,
+        intermediate_size=cfg.mlp,
+        max_position_embeddings=512,
+    )
 
 
 def _icl_score(model, episodes, tok) -> float:
@@ -165,13 +193,24 @@ def train_base(cfg: PocketConfig, suite, tok, out_dir: Path):
     """Pretrain the base from scratch as an in-context learner; early-stop on validation ICL accuracy."""
     model = _new_base(cfg, tok)
     val = fixed_episodes(select(suite["validation"], cfg), cfg.val_episodes, 2, seed=1)
-    tcfg = TrainConfig(steps=cfg.base_steps, lr=cfg.base_lr, warmup_steps=min(100, cfg.base_steps // 10),
-                       final_lr_fraction=0.1, eval_every=cfg.eval_every, patience=cfg.patience,
-                       out_dir=str(out_dir / "run"), progress=cfg.progress, log_every=50)
+    tcfg = TrainConfig(
+        steps=cfg.base_steps,
+        lr=cfg.base_lr,
+        warmup_steps=min(100, cfg.base_steps // 10),
+        final_lr_fraction=0.1,
+        eval_every=cfg.eval_every,
+        patience=cfg.patience,
+        out_dir=str(out_dir / "run"),
+        progress=cfg.progress,
+        log_every=50,
+    )
     trainee = LMTrainee(model)
-    records = train(trainee, icl_batches(select(suite["train"], cfg), tok, cfg.base_batch,
-                                         repeat_demo_prob=cfg.repeat_demo_prob), tcfg,
-                    evaluate=lambda m, step: _icl_score(m.model, val, tok))
+    records = train(
+        trainee,
+        icl_batches(select(suite["train"], cfg), tok, cfg.base_batch, repeat_demo_prob=cfg.repeat_demo_prob),
+        tcfg,
+        evaluate=lambda m, step: _icl_score(m.model, val, tok),
+    )
     best = out_dir / "run" / "best" / "model"
     if best.exists():
         trainee.load_trainable(best)
@@ -215,8 +254,15 @@ def train_hyper(cfg: PocketConfig, suite, tok, base_dir: Path, k: int, seed: int
     if cfg.hyperpretrain_steps:
         corpus = load_pocket_corpus()  # runs of training-task examples (all families)
         ctx = 24 if cfg.tier == "smoke" else 48
-        pre = TrainConfig(steps=cfg.hyperpretrain_steps, lr=cfg.hyper_lr, warmup_steps=min(20, cfg.hyperpretrain_steps),
-                          out_dir=str(run / "hyperpretrain"), progress=cfg.progress, seed=seed, log_every=25)
+        pre = TrainConfig(
+            steps=cfg.hyperpretrain_steps,
+            lr=cfg.hyper_lr,
+            warmup_steps=min(20, cfg.hyperpretrain_steps),
+            out_dir=str(run / "hyperpretrain"),
+            progress=cfg.progress,
+            seed=seed,
+            log_every=25,
+        )
         train(hyper, hyperpretrain_batches(corpus, tok, gist, cfg.tasks_per_batch, ctx, 16, seed=seed), pre)
     val = fixed_episodes(select(suite["validation"], cfg), cfg.val_episodes, 2, seed=1)
 
@@ -227,11 +273,32 @@ def train_hyper(cfg: PocketConfig, suite, tok, base_dir: Path, k: int, seed: int
             with h.downstream_mode():
                 return evaluate(with_prefixes("hyperllama", h.base, prefixes, tok, FMT), val, tok, FMT).accuracy
 
-    main = TrainConfig(steps=cfg.hyper_steps, lr=cfg.hyper_lr, warmup_steps=min(100, cfg.hyper_steps // 10),
-                       final_lr_fraction=0.1, eval_every=cfg.eval_every, patience=cfg.patience,
-                       out_dir=str(run / "multitask"), progress=cfg.progress, seed=seed, log_every=25)
-    records = train(hyper, hyper_batches(train_tasks, tok, gist, cfg.tasks_per_batch, cfg.queries_per_task,
-                                         seed=seed, repeat_demo_prob=cfg.repeat_demo_prob), main, evaluate=val_score)
+    main = TrainConfig(
+        steps=cfg.hyper_steps,
+        lr=cfg.hyper_lr,
+        warmup_steps=min(100, cfg.hyper_steps // 10),
+        final_lr_fraction=0.1,
+        eval_every=cfg.eval_every,
+        patience=cfg.patience,
+        out_dir=str(run / "multitask"),
+        progress=cfg.progress,
+        seed=seed,
+        log_every=25,
+    )
+    records = train(
+        hyper,
+        hyper_batches(
+            train_tasks,
+            tok,
+            gist,
+            cfg.tasks_per_batch,
+            cfg.queries_per_task,
+            seed=seed,
+            repeat_demo_prob=cfg.repeat_demo_prob,
+        ),
+        main,
+        evaluate=val_score,
+    )
     best = run / "multitask" / "best" / "model"
     if best.exists():
         hyper.load_trainable(best)
@@ -255,11 +322,23 @@ def train_gisting(cfg: PocketConfig, suite, tok, base_dir: Path, k: int):
         prefixes = gist_prefixes(t.model, val, tok, gist, FMT)
         return evaluate(with_prefixes("gisting", t.model, prefixes, tok, FMT, bos=False), val, tok, FMT).accuracy
 
-    tcfg = TrainConfig(steps=cfg.gisting_steps, lr=cfg.gisting_lr, warmup_steps=min(50, cfg.gisting_steps // 10),
-                       final_lr_fraction=0.1, eval_every=cfg.eval_every, patience=cfg.patience,
-                       out_dir=str(run / "run"), progress=cfg.progress, log_every=25)
-    records = train(trainee, gisting_batches(select(suite["train"], cfg), tok, gist, cfg.base_batch,
-                                             repeat_demo_prob=cfg.repeat_demo_prob), tcfg, evaluate=val_score)
+    tcfg = TrainConfig(
+        steps=cfg.gisting_steps,
+        lr=cfg.gisting_lr,
+        warmup_steps=min(50, cfg.gisting_steps // 10),
+        final_lr_fraction=0.1,
+        eval_every=cfg.eval_every,
+        patience=cfg.patience,
+        out_dir=str(run / "run"),
+        progress=cfg.progress,
+        log_every=25,
+    )
+    records = train(
+        trainee,
+        gisting_batches(select(suite["train"], cfg), tok, gist, cfg.base_batch, repeat_demo_prob=cfg.repeat_demo_prob),
+        tcfg,
+        evaluate=val_score,
+    )
     best = run / "run" / "best" / "model"
     if best.exists():
         trainee.load_trainable(best)
@@ -292,9 +371,14 @@ def compression(cfg: PocketConfig, base, episodes, tok, k: int) -> dict:
     mean_demo = sum(demo_tokens) / len(demo_tokens)
     c = base.config
     per_token = c.num_hidden_layers * 2 * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 4
-    return {"k": k, "mean_demo_tokens": mean_demo, "demo_tokens_per_gist_token": mean_demo / k,
-            "prefix_kv_bytes": per_token * k, "demo_kv_bytes": per_token * mean_demo,
-            "kv_ratio": k / mean_demo}
+    return {
+        "k": k,
+        "mean_demo_tokens": mean_demo,
+        "demo_tokens_per_gist_token": mean_demo / k,
+        "prefix_kv_bytes": per_token * k,
+        "demo_kv_bytes": per_token * mean_demo,
+        "kv_ratio": k / mean_demo,
+    }
 
 
 def run_pocket(cfg: PocketConfig) -> dict:
@@ -330,8 +414,22 @@ def run_pocket(cfg: PocketConfig) -> dict:
 
     k0 = cfg.num_gist_tokens
     gist_model, gist_log = train_gisting(cfg, suite, tok, base_dir, k0)
-    record("gisting", evaluate(with_prefixes("gisting", gist_model, gist_prefixes(gist_model, test, tok,
-                                             gist_token_ids(tok)[:k0], FMT), tok, FMT, bos=False), test, tok, FMT))
+    record(
+        "gisting",
+        evaluate(
+            with_prefixes(
+                "gisting",
+                gist_model,
+                gist_prefixes(gist_model, test, tok, gist_token_ids(tok)[:k0], FMT),
+                tok,
+                FMT,
+                bos=False,
+            ),
+            test,
+            tok,
+            FMT,
+        ),
+    )
     lap("gisting")
 
     per_seed, logs, sweep = {}, {"gisting": gist_log}, {}
@@ -351,8 +449,11 @@ def run_pocket(cfg: PocketConfig) -> dict:
                 main_hyper, main_prefixes = hyper, prefixes
         sweep.setdefault(str(k), entry)  # for k0: the first seed
     accs = [v["accuracy"] for v in per_seed.values()]
-    results["hyperllama"] = {**per_seed[str(cfg.seeds[0])], "per_seed": per_seed,
-                             "mean_over_seeds": sum(accs) / len(accs)}
+    results["hyperllama"] = {
+        **per_seed[str(cfg.seeds[0])],
+        "per_seed": per_seed,
+        "mean_over_seeds": sum(accs) / len(accs),
+    }
     lap("hyperllama")
 
     ladder = prefix_ladder(cfg, main_hyper, main_prefixes, test, tok)
@@ -387,7 +488,9 @@ def prefix_ladder(cfg: PocketConfig, hyper: HyperLlama, hyper_pref, test, tok) -
     out: dict[str, dict] = {}
     with hyper.downstream_mode():
         model = hyper.base
-        starts["prefix_tuning_vocab"] = vocab_prefix(model, word_ids, len(episodes), hyper.config.num_gist_tokens, seed=0)
+        starts["prefix_tuning_vocab"] = vocab_prefix(
+            model, word_ids, len(episodes), hyper.config.num_gist_tokens, seed=0
+        )
         for name, init in tqdm(starts.items(), desc="prefix tuning", disable=not cfg.progress):
             per_budget = {}
 

@@ -295,8 +295,13 @@ def generate_with_prefix(
     for _ in range(max_new_tokens):
         mask = prefixed_causal_mask(past_real, step_mask)
         out = forward_with_mask(
-            model, mask, positions_from_mask(step_mask, start=start[:, None]), input_ids=step_ids, cache=cache,
-            use_cache=True, logits_to_keep=1,
+            model,
+            mask,
+            positions_from_mask(step_mask, start=start[:, None]),
+            input_ids=step_ids,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
         )
         cache = out.cache
         past_real = torch.cat([past_real, step_mask.bool()], dim=1)

@@ -20,9 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from gistlib.data import Episode, RenderFormat, collate, render_downstream
-from gistlib.prefix import Prefix, forward_with_mask, positions_from_mask
 from gistlib.masks import make_causal_mask
-from gistlib.prefix import forward_with_prefix
+from gistlib.prefix import Prefix, forward_with_mask, forward_with_prefix, positions_from_mask
 
 __all__ = ["random_prefix", "vocab_prefix", "demo_rows", "tune_prefixes"]
 
@@ -45,8 +44,9 @@ def vocab_prefix(model, token_pool: Sequence[int], num_episodes: int, k: int, se
     pool = torch.tensor(list(token_pool))
     ids = pool[torch.randint(len(pool), (num_episodes, k), generator=g)]  # (E, k)
     am = torch.ones_like(ids)
-    out = forward_with_mask(model, make_causal_mask(ids), positions_from_mask(am), input_ids=ids,
-                            use_cache=True, logits_to_keep=1)
+    out = forward_with_mask(
+        model, make_causal_mask(ids), positions_from_mask(am), input_ids=ids, use_cache=True, logits_to_keep=1
+    )
     keys = torch.stack([layer.keys for layer in out.cache.layers])  # (n, E, H, k, hd), already at 0..k-1
     values = torch.stack([layer.values for layer in out.cache.layers])
     return Prefix(keys, values)

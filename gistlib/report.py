@@ -19,40 +19,66 @@ def results_table(summary: dict) -> str:
     """Markdown: methods (accuracy, 95% CI, n, by level), seeds, the prefix ladder, gist sweep, compression."""
     m = summary["methods"]
     levels = sorted({lvl for e in m.values() for lvl in e.get("by_level", {})})
-    lines = ["| method | accuracy [95% CI] | episodes | " + " | ".join(levels) + " |",
-             "|---|---|---|" + "---|" * len(levels)]
+    lines = [
+        "| method | accuracy [95% CI] | episodes | " + " | ".join(levels) + " |",
+        "|---|---|---|" + "---|" * len(levels),
+    ]
     for name in METHOD_ORDER:
         if name in m:
             e = m[name]
-            lines.append(f"| {name} | {_fmt(e)} | {e['n_episodes']} | "
-                         + " | ".join(f"{e['by_level'].get(lvl, float('nan')):.3f}" for lvl in levels) + " |")
+            lines.append(
+                f"| {name} | {_fmt(e)} | {e['n_episodes']} | "
+                + " | ".join(f"{e['by_level'].get(lvl, float('nan')):.3f}" for lvl in levels)
+                + " |"
+            )
     seeds = m.get("hyperllama", {}).get("per_seed", {})
     if seeds:
-        lines += ["", "HyperLlama per seed: " + ", ".join(f"seed {s}: {_fmt(e)}" for s, e in seeds.items())
-                  + f"; mean {m['hyperllama']['mean_over_seeds']:.3f}"]
+        lines += [
+            "",
+            "HyperLlama per seed: "
+            + ", ".join(f"seed {s}: {_fmt(e)}" for s, e in seeds.items())
+            + f"; mean {m['hyperllama']['mean_over_seeds']:.3f}",
+        ]
     ladder = summary.get("prefix_tuning", {})
     if ladder:
         budgets = list(next(iter(ladder.values())).keys())
-        lines += ["", "| prefix tuning start | " + " | ".join(f"{b} steps" for b in budgets) + " |",
-                  "|---|" + "---|" * len(budgets)]
+        lines += [
+            "",
+            "| prefix tuning start | " + " | ".join(f"{b} steps" for b in budgets) + " |",
+            "|---|" + "---|" * len(budgets),
+        ]
         for name, per in ladder.items():
-            lines.append(f"| {name.removeprefix('prefix_tuning_')} | "
-                         + " | ".join(f"{per[b]['accuracy']:.3f}" for b in budgets) + " |")
+            lines.append(
+                f"| {name.removeprefix('prefix_tuning_')} | "
+                + " | ".join(f"{per[b]['accuracy']:.3f}" for b in budgets)
+                + " |"
+            )
     sweep = summary.get("gist_sweep", {})
     if len(sweep) > 1:
-        lines += ["", "| gist tokens k | hyperllama accuracy [95% CI] | " + " | ".join(levels) + " |",
-                  "|---|---|" + "---|" * len(levels)]
+        lines += [
+            "",
+            "| gist tokens k | hyperllama accuracy [95% CI] | " + " | ".join(levels) + " |",
+            "|---|---|" + "---|" * len(levels),
+        ]
         for k in sorted(sweep, key=int):
             e = sweep[k]
-            lines.append(f"| {k} | {_fmt(e)} | " + " | ".join(f"{e['by_level'].get(lvl, float('nan')):.3f}"
-                                                              for lvl in levels) + " |")
+            lines.append(
+                f"| {k} | {_fmt(e)} | "
+                + " | ".join(f"{e['by_level'].get(lvl, float('nan')):.3f}" for lvl in levels)
+                + " |"
+            )
     comp = summary.get("compression", [])
     if comp:
-        lines += ["", "| k | demo tokens (mean) | demo tokens per gist token | prefix KV bytes | demo KV bytes |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "| k | demo tokens (mean) | demo tokens per gist token | prefix KV bytes | demo KV bytes |",
+            "|---|---|---|---|---|",
+        ]
         for c in comp:
-            lines.append(f"| {c['k']} | {c['mean_demo_tokens']:.1f} | {c['demo_tokens_per_gist_token']:.1f} | "
-                         f"{c['prefix_kv_bytes']:,} | {c['demo_kv_bytes']:,.0f} |")
+            lines.append(
+                f"| {c['k']} | {c['mean_demo_tokens']:.1f} | {c['demo_tokens_per_gist_token']:.1f} | "
+                f"{c['prefix_kv_bytes']:,} | {c['demo_kv_bytes']:,.0f} |"
+            )
     return "\n".join(lines)
 
 
@@ -126,8 +152,13 @@ def plot_tradeoff(summary: dict):
     icl_levels = summary["methods"]["icl"]["by_level"]
     for i, lvl in enumerate(sorted(icl_levels)):
         color = f"C{i}"
-        ax.plot([int(k) for k in ks], [sweep[k]["by_level"].get(lvl, float("nan")) for k in ks], marker="o",
-                color=color, label=f"hyperllama {lvl}")
+        ax.plot(
+            [int(k) for k in ks],
+            [sweep[k]["by_level"].get(lvl, float("nan")) for k in ks],
+            marker="o",
+            color=color,
+            label=f"hyperllama {lvl}",
+        )
         ax.axhline(icl_levels[lvl], color=color, ls="--", lw=1, label=f"icl {lvl}")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("gist tokens k")
@@ -147,8 +178,12 @@ def write_report(summary: dict, out: Path) -> dict[str, Path]:
     paths["summary"].write_text(json.dumps(summary, indent=1))
     paths["table"].write_text(results_table(summary) + "\n")
     plt = _plt()
-    for name, fn in [("methods", plot_methods), ("prefix_tuning", plot_prefix_ladder), ("losses", plot_losses),
-                     ("tradeoff", plot_tradeoff)]:
+    for name, fn in [
+        ("methods", plot_methods),
+        ("prefix_tuning", plot_prefix_ladder),
+        ("losses", plot_losses),
+        ("tradeoff", plot_tradeoff),
+    ]:
         fig = fn(summary)
         paths[name] = out / f"{name}.png"
         fig.savefig(paths[name], dpi=110)

@@ -35,8 +35,12 @@ def run_tour(num_gist_tokens: int = 4, seed: int = 0) -> dict[str, float]:
     row = [tok.bos_token_id, *demo, *gists, *query]
     ids = torch.tensor([row])
     mask = make_gist_mask(ids, gists)
-    labels = ["<s>", *[f"d{i}" for i in range(len(demo))], *[f"G{i}" for i in range(len(gists))],
-              *[f"q{i}" for i in range(len(query))]]
+    labels = [
+        "<s>",
+        *[f"d{i}" for i in range(len(demo))],
+        *[f"G{i}" for i in range(len(gists))],
+        *[f"q{i}" for i in range(len(query))],
+    ]
     print("\n2. gist mask over [demos][gists][query] (x = may attend):")
     print(mask_to_string(mask[0], labels))
 
@@ -48,17 +52,20 @@ def run_tour(num_gist_tokens: int = 4, seed: int = 0) -> dict[str, float]:
     h_ids = torch.tensor([[tok.pad_token_id] * (L - len(r)) + r for r in rows])  # left padded
     h_am = (torch.arange(L)[None] >= torch.tensor([[L - len(r)] for r in rows])).long()
     prefix = extract_prefix(model, h_ids, h_am, gists)
-    print(f"\n3. canonical prefix from two tasks of {len(demos_a)} and {len(demos_b)} tokens: keys and values "
-          f"(layers, B, kv_heads, k, head_dim) = {tuple(prefix.keys.shape)}")
+    print(
+        f"\n3. canonical prefix from two tasks of {len(demos_a)} and {len(demos_b)} tokens: keys and values "
+        f"(layers, B, kv_heads, k, head_dim) = {tuple(prefix.keys.shape)}"
+    )
 
     q_ids = torch.tensor([q, q])
     cached = forward_with_prefix(model, prefix, q_ids, torch.ones_like(q_ids)).logits
     diffs = []
     for b, r in enumerate(rows):
         full = torch.tensor([r + q])
-        out = forward_with_mask(model, make_gist_mask(full, gists), positions_from_mask(torch.ones_like(full)),
-                                input_ids=full)
-        diffs.append((out.logits[0, len(r):] - cached[b]).abs().max().item())
+        out = forward_with_mask(
+            model, make_gist_mask(full, gists), positions_from_mask(torch.ones_like(full)), input_ids=full
+        )
+        diffs.append((out.logits[0, len(r) :] - cached[b]).abs().max().item())
     max_diff = max(diffs)
     print("\n4. gist caching check: single sequence under the gist mask vs prefix + query at positions k...")
     print(f"   max |logit difference| = {max_diff:.2e}  ({'exact' if max_diff < 1e-4 else 'MISMATCH'})")

@@ -11,7 +11,8 @@ It trains any *trainee*: an `nn.Module` with `loss_and_backward(**batch, loss_sc
 
 Batches are dicts of tensors that the trainee's `loss_and_backward` takes (for HyperLlama:
 `hyper_input_ids`, `hyper_attention_mask`, `input_ids`, `attention_mask`, `labels`, optional
-`task_index`) from any iterable, so every stage (hyperpretraining, multi-task) plugs in. With several processes, process r takes batches r, r + P, r + 2P, ...
+`task_index`) from any iterable, so every stage (hyperpretraining, multi-task) plugs in.
+With several processes, process r takes batches r, r + P, r + 2P, ...
 
 Checkpoints are folders `checkpoint-<step>/` written to a temporary name and renamed when complete:
 the trainable weights (LoRA in PEFT's format, gist table, prefix head), optimizer state
@@ -32,16 +33,15 @@ import random
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from itertools import islice
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
-
 from torch import nn
+from tqdm.auto import tqdm
 
 __all__ = ["TrainConfig", "train", "latest_checkpoint", "save_checkpoint", "load_checkpoint", "make_accelerator"]
 
@@ -84,8 +84,10 @@ class TrainConfig:
         }
         for name, ok in checks.items():
             if not ok:
-                raise ValueError(f"TrainConfig.{name} = {getattr(self, name)!r} is out of range "
-                                 f"(see the comment on `{name}` in gistlib/train.py)")
+                raise ValueError(
+                    f"TrainConfig.{name} = {getattr(self, name)!r} is out of range "
+                    f"(see the comment on `{name}` in gistlib/train.py)"
+                )
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
@@ -135,8 +137,9 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torc
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-def save_checkpoint(path: str | os.PathLike, hyper: nn.Module, optimizer, scheduler, step: int,
-                    extra: dict | None = None) -> Path:
+def save_checkpoint(
+    path: str | os.PathLike, hyper: nn.Module, optimizer, scheduler, step: int, extra: dict | None = None
+) -> Path:
     """Write `path` atomically: into `path.tmp`, then rename. Returns the final path."""
     final = Path(path)
     tmp = final.with_name(final.name + ".tmp")
@@ -150,8 +153,13 @@ def save_checkpoint(path: str | os.PathLike, hyper: nn.Module, optimizer, schedu
         rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     save_file(rng, tmp / "rng.safetensors")
     sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
-    state = {"step": step, "optimizer": opt_meta, "scheduler": sched, "python_random": random.getstate(),
-             **(extra or {})}
+    state = {
+        "step": step,
+        "optimizer": opt_meta,
+        "scheduler": sched,
+        "python_random": random.getstate(),
+        **(extra or {}),
+    }
     (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
     if final.exists():
         shutil.rmtree(final)
@@ -247,8 +255,12 @@ def train(
     if main:
         _write_metrics(metrics_path, records)
 
-    stream = _shard(batches, accelerator.process_index, accelerator.num_processes,
-                    skip=start * config.grad_accum * accelerator.num_processes)
+    stream = _shard(
+        batches,
+        accelerator.process_index,
+        accelerator.num_processes,
+        skip=start * config.grad_accum * accelerator.num_processes,
+    )
     hyper.train()
     bar = tqdm(total=config.steps, initial=start, disable=not (main and config.progress), desc="train")
     t_last, tokens = time.perf_counter(), 0
@@ -259,8 +271,10 @@ def train(
         for _ in range(config.grad_accum):
             batch = next(stream, None)
             if batch is None:
-                raise ValueError(f"the batch stream ended at step {step}: give at least "
-                                 f"steps x grad_accum x processes = {config.steps * config.grad_accum * accelerator.num_processes} batches")
+                raise ValueError(
+                    f"the batch stream ended at step {step}: give at least steps x grad_accum x processes = "
+                    f"{config.steps * config.grad_accum * accelerator.num_processes} batches"
+                )
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             with accelerator.autocast():
                 loss = hyper.loss_and_backward(**batch, loss_scale=1.0 / config.grad_accum)
@@ -297,9 +311,12 @@ def train(
         if main:
             _append_metric(metrics_path, record)
         interrupted = stop_after is not None and done >= stop_after
-        if main and ((config.save_every and done % config.save_every == 0) or done == config.steps or interrupted or stop):
-            save_checkpoint(out / f"checkpoint-{done}", hyper, optimizer, scheduler, done,
-                            {"best": best, "bad_evals": bad_evals})
+        if main and (
+            (config.save_every and done % config.save_every == 0) or done == config.steps or interrupted or stop
+        ):
+            save_checkpoint(
+                out / f"checkpoint-{done}", hyper, optimizer, scheduler, done, {"best": best, "bad_evals": bad_evals}
+            )
         accelerator.wait_for_everyone()
         if interrupted or stop:
             break

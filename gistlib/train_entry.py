@@ -108,8 +108,9 @@ def run_train_config(path: str | None, overrides: dict | None = None) -> list[di
     hyper = HyperLlama(_base(cfg["model"], tok), gist, h)
     if d.stage == "multitask":
         tasks = [t for t in load_pocket_suite()["train"] if t.family in d.families]
-        batches = hyper_batches(tasks, tok, gist, d.tasks_per_batch, d.queries_per_task, seed=d.seed,
-                                repeat_demo_prob=d.repeat_demo_prob)
+        batches = hyper_batches(
+            tasks, tok, gist, d.tasks_per_batch, d.queries_per_task, seed=d.seed, repeat_demo_prob=d.repeat_demo_prob
+        )
     else:
         batches = hyperpretrain_batches(load_pocket_corpus(), tok, gist, d.tasks_per_batch, seed=d.seed)
     tcfg: TrainConfig = cfg["train"]
@@ -118,6 +119,13 @@ def run_train_config(path: str | None, overrides: dict | None = None) -> list[di
     state = {n: p.detach().cpu().contiguous() for n, p in hyper.trainable_state().items()}
     save_file(state, Path(tcfg.out_dir) / f"final-rank{accelerator.process_index}.safetensors")
     if accelerator.is_main_process:
-        print(json.dumps({"final_step": records[-1]["step"], "final_loss": records[-1]["loss"],
-                          "processes": accelerator.num_processes}))
+        print(
+            json.dumps(
+                {
+                    "final_step": records[-1]["step"],
+                    "final_loss": records[-1]["loss"],
+                    "processes": accelerator.num_processes,
+                }
+            )
+        )
     return records

@@ -1,9 +1,9 @@
 """environment.yml must name the same packages as pyproject.toml (the single source of truth)."""
 
 import re
-import tomllib
 from pathlib import Path
 
+import tomllib
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,7 +21,7 @@ def _spec(req: str) -> str:
 def test_environment_yml_names_the_pyproject_dependencies():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     pip_reqs = list(project["dependencies"])
-    for extra, reqs in project["optional-dependencies"].items():
+    for reqs in project["optional-dependencies"].values():
         pip_reqs += reqs
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     conda, pip = [], []

@@ -22,8 +22,16 @@ def episodes():
 
 
 def test_rank_classification_matches_a_plain_loop():
-    model = build_tiny_llama(tokenizer=TOK, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
-                             intermediate_size=64, initializer_range=0.2, seed=3)
+    model = build_tiny_llama(
+        tokenizer=TOK,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=2,
+        num_kv_heads=1,
+        intermediate_size=64,
+        initializer_range=0.2,
+        seed=3,
+    )
     eps = episodes()
     res = evaluate(icl(model, TOK, COMPACT), eps, TOK, COMPACT, batch_size=7)
     expected = []
@@ -35,7 +43,7 @@ def test_rank_classification_matches_a_plain_loop():
             for c in q.choices:
                 ids = torch.tensor([prompt + answer_ids(c, TOK, COMPACT)])
                 logp = model(ids).logits[0, :-1].log_softmax(-1)  # HF's own causal mask
-                tgt = ids[0, len(prompt):]
+                tgt = ids[0, len(prompt) :]
                 scores.append(logp[len(prompt) - 1 :].gather(1, tgt[:, None]).sum().item())
             hits.append(q.choices[max(range(len(scores)), key=scores.__getitem__)] == q.output)
         expected.append(sum(hits) / len(hits))
@@ -45,8 +53,16 @@ def test_rank_classification_matches_a_plain_loop():
 
 
 def test_gisting_by_gist_caching_equals_the_single_sequence():
-    model = build_tiny_llama(tokenizer=TOK, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
-                             intermediate_size=64, initializer_range=0.2, seed=4)
+    model = build_tiny_llama(
+        tokenizer=TOK,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=2,
+        num_kv_heads=1,
+        intermediate_size=64,
+        initializer_range=0.2,
+        seed=4,
+    )
     gist = gist_token_ids(TOK)[:2]
     eps = episodes()
     prefixes = gist_prefixes(model, eps, TOK, gist, COMPACT)
@@ -60,8 +76,13 @@ def test_gisting_by_gist_caching_equals_the_single_sequence():
         single, _ = trainee.score(b["input_ids"], b["attention_mask"], b["labels"])
         from gistlib.data.render import query_ids
 
-        q_rows = [(query_ids(q, TOK, COMPACT) + answer_ids(q.output, TOK, COMPACT),
-                   [-100] * len(query_ids(q, TOK, COMPACT)) + answer_ids(q.output, TOK, COMPACT)) for q in ep.queries]
+        q_rows = [
+            (
+                query_ids(q, TOK, COMPACT) + answer_ids(q.output, TOK, COMPACT),
+                [-100] * len(query_ids(q, TOK, COMPACT)) + answer_ids(q.output, TOK, COMPACT),
+            )
+            for q in ep.queries
+        ]
         qb = collate(q_rows, TOK.pad_token_id)
         from gistlib.scoring import sequence_logprobs
 
@@ -71,8 +92,9 @@ def test_gisting_by_gist_caching_equals_the_single_sequence():
 
 def test_generation_scores_exact_match():
     """A model that always answers the same token: exact match counts the queries whose answer it is."""
-    model = build_tiny_llama(tokenizer=TOK, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
-                             intermediate_size=64)
+    model = build_tiny_llama(
+        tokenizer=TOK, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64
+    )
     target = TOK.convert_tokens_to_ids("GO")
 
     class AlwaysGo(torch.nn.Module):

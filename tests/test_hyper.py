@@ -19,7 +19,10 @@ def make_hyper(seed=0, **cfg) -> HyperLlama:
 def toy_batch(seed=0, tasks=3, queries=2):
     """Hypernetwork rows [BOS] demos G.. (left padded) and downstream rows with labels on the last 2 tokens."""
     g = torch.Generator().manual_seed(seed)
-    hyper = [[1] + torch.randint(3, 56, (int(n),), generator=g).tolist() + GIST_IDS for n in torch.randint(4, 12, (tasks,), generator=g)]
+    hyper = [
+        [1] + torch.randint(3, 56, (int(n),), generator=g).tolist() + GIST_IDS
+        for n in torch.randint(4, 12, (tasks,), generator=g)
+    ]
     Lh = max(map(len, hyper))
     h_ids = torch.tensor([[PAD] * (Lh - len(r)) + r for r in hyper])
     h_am = (h_ids != PAD).long()
@@ -47,7 +50,9 @@ def test_training_step_leaves_base_bit_identical_and_routes_gradients():
     hyper = make_hyper(prefix_head="linear")
     before = base_state(hyper)
     trainable = hyper.trainable_state()
-    assert set(trainable) and all(("lora_" in n) or n == "gist_embeddings" or n.startswith("prefix_head.") for n in trainable)
+    assert set(trainable) and all(
+        ("lora_" in n) or n == "gist_embeddings" or n.startswith("prefix_head.") for n in trainable
+    )
     assert any(n.startswith("prefix_head.") for n in trainable)
     opt = torch.optim.AdamW(trainable.values(), lr=1e-2, weight_decay=0.1)
     h_ids, h_am, ids, am, labels, ti = toy_batch()
@@ -141,7 +146,9 @@ def test_loss_falls_on_a_tiny_task():
     for step in range(40):
         g = torch.Generator().manual_seed(step)
         signal = torch.randint(3, 7, (16, 1), generator=g)
-        demos = torch.cat([torch.randint(10, 56, (16, 3), generator=g), signal, torch.randint(10, 56, (16, 2), generator=g)], 1)
+        demos = torch.cat(
+            [torch.randint(10, 56, (16, 3), generator=g), signal, torch.randint(10, 56, (16, 2), generator=g)], 1
+        )
         h_ids = torch.cat([torch.ones(16, 1, dtype=torch.long), demos, torch.tensor([GIST_IDS] * 16)], 1)
         ids = torch.cat([torch.ones(16, 1, dtype=torch.long), torch.full((16, 1), 8), signal], 1)
         labels = torch.full_like(ids, -100)
@@ -197,8 +204,12 @@ def test_four_bit_base_stays_frozen_and_trains(tmp_path):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     build_tiny_llama(vocab_size=64, hidden_size=64, intermediate_size=128).save_pretrained(tmp_path)
-    qcfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.bfloat16)
+    qcfg = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
     base = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=qcfg, dtype=torch.float32)
     assert isinstance(base.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
     hyper = HyperLlama(base, GIST_IDS, HyperConfig(num_gist_tokens=K))

@@ -68,19 +68,19 @@ def ids_for(labels: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_gist_mask_matches_its_docstring():
-    (labels, expected), = docstring_matrices(make_gist_mask)
+    ((labels, expected),) = docstring_matrices(make_gist_mask)
     ids, am = ids_for(labels)
     assert torch.equal(make_gist_mask(ids, G, attention_mask=am)[0, 0], expected)
 
 
 def test_negative_control_matches_its_docstring():
-    (labels, expected), = docstring_matrices(negative_control_mask)
+    ((labels, expected),) = docstring_matrices(negative_control_mask)
     ids, am = ids_for(labels)
     assert torch.equal(negative_control_mask(ids, G, attention_mask=am)[0, 0], expected)
 
 
 def test_causal_mask_matches_its_docstring():
-    (labels, expected), = docstring_matrices(make_causal_mask)
+    ((labels, expected),) = docstring_matrices(make_causal_mask)
     ids = torch.tensor([[PAD, 3, 4, 5]])
     assert len(labels) == 4
     assert torch.equal(make_causal_mask(ids, pad_token_id=PAD)[0, 0], expected)

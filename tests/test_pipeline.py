@@ -31,7 +31,8 @@ def test_every_method_produced_a_number(smoke):
     assert set(summary["gist_sweep"]) == {str(k) for k in cfg.gist_counts}
     comp = {c["k"]: c for c in summary["compression"]}
     assert comp[cfg.num_gist_tokens]["kv_ratio"] == pytest.approx(
-        comp[cfg.num_gist_tokens]["prefix_kv_bytes"] / comp[cfg.num_gist_tokens]["demo_kv_bytes"])
+        comp[cfg.num_gist_tokens]["prefix_kv_bytes"] / comp[cfg.num_gist_tokens]["demo_kv_bytes"]
+    )
 
 
 def test_files_exist(smoke):

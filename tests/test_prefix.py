@@ -45,7 +45,9 @@ def pad_batch(seqs, side="right"):
 def single_sequence_query_logits(model, rows, side="right"):
     """Logits at the query tokens of `[demos][gists][query]` under the gist mask: list of (q, V)."""
     ids, am = pad_batch([d + GIST_IDS + q for d, q in rows], side)
-    out = forward_with_mask(model, make_gist_mask(ids, GIST_IDS, attention_mask=am), positions_from_mask(am), input_ids=ids)
+    out = forward_with_mask(
+        model, make_gist_mask(ids, GIST_IDS, attention_mask=am), positions_from_mask(am), input_ids=ids
+    )
     result = []
     for b, (d, q) in enumerate(rows):
         start = (ids.shape[1] - am[b].sum().item() if side == "left" else 0) + len(d) + len(GIST_IDS)
@@ -78,7 +80,7 @@ def test_caching_holds_with_padded_queries(tiny_models):
     for side in ("left", "right"):
         q_ids, q_am = pad_batch([q for _, q in rows], side)
         got = forward_with_prefix(model, prefix, q_ids, q_am).logits
-        for b, (_, q) in enumerate(rows):
+        for b in range(len(rows)):
             real = got[b][q_am[b].bool()]
             assert (real - expected[b]).abs().max() < TOL
 
@@ -93,7 +95,9 @@ def test_same_demos_at_another_offset_give_the_same_prefix(tiny_models):
     wide_am = torch.cat([torch.zeros(2, 9, dtype=torch.long), am], 1)
     padded = extract_prefix(model, wide_ids, wide_am, GIST_IDS)
     # the demos start at absolute position 37 / 101 instead of 0
-    shifted = extract_prefix(model, ids, am, GIST_IDS, position_ids=positions_from_mask(am) + torch.tensor([[37], [101]]))
+    shifted = extract_prefix(
+        model, ids, am, GIST_IDS, position_ids=positions_from_mask(am) + torch.tensor([[37], [101]])
+    )
     for other in (padded, shifted):
         assert (other.keys - base.keys).abs().max() < 1e-5
         assert (other.values - base.values).abs().max() < 1e-5
@@ -135,7 +139,7 @@ def test_demos_reach_the_query_only_through_the_gists(tiny_models, mask_kind):
     Under the plain causal mask the same pinning cannot restore them: the test detects a leak.
     """
     model = tiny_models["eager"]
-    (d, q), = random_rows([8])
+    ((d, q),) = random_rows([8])
     seq_a = torch.tensor([d + GIST_IDS + q])
     seq_b = seq_a.clone()
     seq_b[0, 2] = (seq_b[0, 2] + 1) % 50 + 3
@@ -196,7 +200,9 @@ def test_batched_generation_equals_row_by_row(tiny_models):
         q_ids, q_am = pad_batch([q for _, q in rows], side)
         batched = generate_with_prefix(model, prefix, q_ids, q_am, max_new_tokens=8, eos_token_id=7)
         single = [
-            generate_with_prefix(model, prefix.rows([b]), torch.tensor([q]), torch.ones(1, len(q), dtype=torch.long), 8, 7)[0]
+            generate_with_prefix(
+                model, prefix.rows([b]), torch.tensor([q]), torch.ones(1, len(q), dtype=torch.long), 8, 7
+            )[0]
             for b, (_, q) in enumerate(rows)
         ]
         assert batched == single
@@ -217,7 +223,10 @@ def test_generation_follows_the_single_sequence_argmax(tiny_models):
 def test_eager_and_sdpa_agree_and_no_nan_with_padding(tiny_models):
     ids, am = pad_batch([[5, 6] + GIST_IDS + [7, 8, 9], [5] + GIST_IDS + [3], [11, 12, 13, 14]], "left")
     mask = make_gist_mask(ids, GIST_IDS, attention_mask=am)
-    outs = {impl: forward_with_mask(m, mask, positions_from_mask(am), input_ids=ids).logits for impl, m in tiny_models.items()}
+    outs = {
+        impl: forward_with_mask(m, mask, positions_from_mask(am), input_ids=ids).logits
+        for impl, m in tiny_models.items()
+    }
     assert all(torch.isfinite(o).all() for o in outs.values())
     diff = (outs["eager"] - outs["sdpa"]).abs().max().item()
     print(f"eager vs sdpa max abs diff: {diff:.3e}")

@@ -11,14 +11,28 @@ TOK = pocket_tokenizer(4)
 
 
 def model():
-    return build_tiny_llama(tokenizer=TOK, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
-                            intermediate_size=64, initializer_range=0.2, seed=5)
+    return build_tiny_llama(
+        tokenizer=TOK,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=2,
+        num_kv_heads=1,
+        intermediate_size=64,
+        initializer_range=0.2,
+        seed=5,
+    )
 
 
 def episodes():
     words = ["fama", "muso", "lufu", "bado"]
-    return [Episode(f"t{e}", [Example(w, ["GO", "DA"][(i + e) % 2], ["GO", "DA"]) for i, w in enumerate(words[: 2 + e])],
-                    [Example("kepi", "GO", ["GO", "DA"])]) for e in range(3)]
+    return [
+        Episode(
+            f"t{e}",
+            [Example(w, ["GO", "DA"][(i + e) % 2], ["GO", "DA"]) for i, w in enumerate(words[: 2 + e])],
+            [Example("kepi", "GO", ["GO", "DA"])],
+        )
+        for e in range(3)
+    ]
 
 
 def test_batched_tuning_equals_one_episode_at_a_time():
@@ -49,8 +63,10 @@ def test_tuning_lowers_the_demo_loss():
 
 
 def test_random_prefix_matches_the_reference_std_per_layer():
-    ref = Prefix(torch.randn(3, 50, 2, 8, 16) * torch.tensor([0.5, 1.0, 4.0])[:, None, None, None, None],
-                 torch.randn(3, 50, 2, 8, 16))
+    ref = Prefix(
+        torch.randn(3, 50, 2, 8, 16) * torch.tensor([0.5, 1.0, 4.0])[:, None, None, None, None],
+        torch.randn(3, 50, 2, 8, 16),
+    )
     p = random_prefix(ref, 200, seed=0)
     assert p.keys.shape == (3, 200, 2, 8, 16)
     stds = p.keys.std(dim=(1, 2, 3, 4))

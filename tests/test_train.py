@@ -21,8 +21,13 @@ def signal_batches(seed=0, batch=8):
         ids = torch.cat([torch.ones(batch, 1, dtype=torch.long), torch.full((batch, 1), 8), signal], 1)
         labels = torch.full_like(ids, -100)
         labels[:, -1] = ids[:, -1]
-        yield {"hyper_input_ids": h_ids, "hyper_attention_mask": torch.ones_like(h_ids), "input_ids": ids,
-               "attention_mask": torch.ones_like(ids), "labels": labels}
+        yield {
+            "hyper_input_ids": h_ids,
+            "hyper_attention_mask": torch.ones_like(h_ids),
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            "labels": labels,
+        }
 
 
 def fresh_hyper():
@@ -31,8 +36,17 @@ def fresh_hyper():
 
 
 def config(tmp_path, **kw):
-    return TrainConfig(**{"steps": 12, "lr": 1e-2, "warmup_steps": 2, "log_every": 4, "out_dir": str(tmp_path),
-                          "progress": False, **kw})
+    return TrainConfig(
+        **{
+            "steps": 12,
+            "lr": 1e-2,
+            "warmup_steps": 2,
+            "log_every": 4,
+            "out_dir": str(tmp_path),
+            "progress": False,
+            **kw,
+        }
+    )
 
 
 def test_loss_falls_and_metrics_are_logged(tmp_path):
@@ -69,8 +83,12 @@ def test_checkpoints_are_atomic_and_safetensors_only(tmp_path):
 
 def test_early_stopping_keeps_the_best(tmp_path):
     scores = iter([0.1, 0.5, 0.4, 0.3, 0.2, 0.1])
-    records = train(fresh_hyper(), signal_batches(), config(tmp_path, steps=12, eval_every=2, patience=2),
-                    evaluate=lambda hyper, step: next(scores))
+    records = train(
+        fresh_hyper(),
+        signal_batches(),
+        config(tmp_path, steps=12, eval_every=2, patience=2),
+        evaluate=lambda hyper, step: next(scores),
+    )
     assert records[-1]["step"] == 8  # evals at 2, 4 (best), 6, 8: two without improvement
     state = json.loads((tmp_path / "best" / "trainer_state.json").read_text())
     assert state["step"] == 4 and state["best"] == 0.5

@@ -13,8 +13,14 @@ from safetensors.torch import load_file
 from gistlib.train_entry import load_run_config
 
 CONFIG = {
-    "model": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 128,
-              "initializer_range": 0.1},
+    "model": {
+        "hidden_size": 64,
+        "num_layers": 2,
+        "num_heads": 4,
+        "num_kv_heads": 2,
+        "intermediate_size": 128,
+        "initializer_range": 0.1,
+    },
     "hyper": {"num_gist_tokens": 4},
     "train": {"steps": 5, "lr": 0.003, "warmup_steps": 1, "progress": False, "log_every": 1},
     "data": {"tasks_per_batch": 4, "queries_per_task": 2},
@@ -31,15 +37,51 @@ def test_two_processes_match_one_process_with_accumulation(tmp_path):
     """2 ranks x 1 micro-batch == 1 rank x 2 micro-batches: same global batches, same mean gradient."""
     cfg = tmp_path / "run.json"
     cfg.write_text(json.dumps(CONFIG))
-    one = subprocess.run([sys.executable, "-m", "gistlib", "train", "--config", str(cfg), "--set",
-                          f'train.out_dir="{tmp_path / "one"}"', "train.grad_accum=2"],
-                         capture_output=True, text=True, env=ENV, timeout=300)
+    one = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gistlib",
+            "train",
+            "--config",
+            str(cfg),
+            "--set",
+            f'train.out_dir="{tmp_path / "one"}"',
+            "train.grad_accum=2",
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
     assert one.returncode == 0, one.stderr[-2000:]
     accelerate = Path(sys.executable).parent / "accelerate"
-    two = subprocess.run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                          "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "gistlib", "train", "--config",
-                          str(cfg), "--set", f'train.out_dir="{tmp_path / "two"}"'],
-                         capture_output=True, text=True, env=ENV, timeout=300)
+    two = subprocess.run(
+        [
+            str(accelerate),
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "-m",
+            "gistlib",
+            "train",
+            "--config",
+            str(cfg),
+            "--set",
+            f'train.out_dir="{tmp_path / "two"}"',
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
     assert two.returncode == 0, two.stderr[-2000:]
     assert '"processes": 2' in two.stdout
     loss_one, loss_two = _final_loss(one.stdout), _final_loss(two.stdout)
