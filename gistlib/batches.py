@@ -47,9 +47,12 @@ def icl_batches(
     fmt: RenderFormat = COMPACT,
     max_tokens: int = 256,
     repeat_demo_prob: float = 0.0,
+    num_demos: int | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """`input_ids`, `attention_mask`, `labels` (B, L): one query per episode, demos in context."""
-    episodes = _episodes(tasks, seed, 1, repeat_demo_prob)
+    """`input_ids`, `attention_mask`, `labels` (B, L): one query per episode, demos in context.
+
+    num_demos=None takes each task's `meta["num_demos"]` (the pocket suite's levels)."""
+    episodes = _episodes(tasks, seed, 1, repeat_demo_prob, num_demos)
     while True:
         rows = []
         for _ in range(batch_size):
@@ -67,9 +70,10 @@ def gisting_batches(
     fmt: RenderFormat = COMPACT,
     max_tokens: int = 256,
     repeat_demo_prob: float = 0.0,
+    num_demos: int | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Single-sequence gisting rows (B, L), labels on the answer."""
-    episodes = _episodes(tasks, seed, 1, repeat_demo_prob)
+    episodes = _episodes(tasks, seed, 1, repeat_demo_prob, num_demos)
     while True:
         rows = []
         for _ in range(batch_size):
@@ -89,9 +93,10 @@ def hyper_batches(
     max_hyper_tokens: int = 256,
     max_tokens: int = 64,
     repeat_demo_prob: float = 0.0,
+    num_demos: int | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """HyperLlama batches: `hyper_*` (T, Lh) left padded, downstream (T*Q, L) with `task_index` (T*Q,)."""
-    episodes = _episodes(tasks, seed, queries_per_task, repeat_demo_prob)
+    episodes = _episodes(tasks, seed, queries_per_task, repeat_demo_prob, num_demos)
     while True:
         hyper_rows, down_rows, index = [], [], []
         for t in range(tasks_per_batch):

@@ -68,6 +68,18 @@ def main(argv: list[str] | None = None) -> int:
     tr = sub.add_parser("train", help="train one HyperLlama from a JSON config")
     tr.add_argument("--config", help="JSON file with `model`, `hyper`, `train`, `data` sections")
     tr.add_argument("--set", nargs="*", metavar="SECTION.FIELD=VALUE", help="override config fields")
+    sub.add_parser("recipe", help="real-data recipe: python -m gistlib recipe p3|sni|symbol [--tiny] [--set k=v]",
+                   add_help=False)
+    sub.add_parser("memory", help="memory planner table", add_help=False)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "recipe":
+        from gistlib.recipes import main_recipe
+
+        return main_recipe(argv[1:])
+    if argv and argv[0] == "memory":
+        from gistlib.memory import main as memory_main
+
+        return memory_main(argv[1:]) or 0
     args = parser.parse_args(argv)
     if args.command == "tour":
         from gistlib.tour import run_tour

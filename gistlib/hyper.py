@@ -253,7 +253,7 @@ class HyperLlama(nn.Module):
         `task_index` (B,) says which task row each downstream row belongs to (default: row b -> task b).
         With gradient checkpointing on, use `loss_and_backward` (see there why).
         """
-        if self.base.is_gradient_checkpointing and self.training and torch.is_grad_enabled():
+        if self.base.is_activation_checkpointing and self.training and torch.is_grad_enabled():
             raise RuntimeError(
                 "with gradient checkpointing on, call HyperLlama.loss_and_backward(...): the "
                 "backward pass replays each layer, and must replay the downstream with adapters off"

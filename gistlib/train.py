@@ -109,9 +109,14 @@ def lr_factor(step: int, config: TrainConfig) -> float:
 
 def make_accelerator(config: TrainConfig, cpu: bool | None = None) -> Accelerator:
     """An Accelerator with bf16 where the device supports it (mixed_precision='auto')."""
+    from accelerate.state import AcceleratorState
+
     mp = config.mixed_precision
     if mp == "auto":
         mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    if AcceleratorState._shared_state and str(AcceleratorState().mixed_precision) != mp:
+        # accelerate keeps one state per process: a notebook that switches precision needs a fresh one
+        AcceleratorState._reset_state(True)
     return Accelerator(mixed_precision=mp, cpu=bool(cpu) if cpu is not None else not torch.cuda.is_available())
 
 
