@@ -146,9 +146,7 @@ def _hub_offline() -> bool:
 def looks_like_local_path(name_or_path: str | os.PathLike) -> bool:
     """A path rather than a hub id: it exists, or starts with '/', '.', '~' or a drive letter."""
     s = str(name_or_path)
-    return (
-        Path(s).expanduser().exists() or s.startswith(("/", ".", "~", "\\")) or (len(s) > 1 and s[1] == ":")
-    )
+    return Path(s).expanduser().exists() or s.startswith(("/", ".", "~", "\\")) or (len(s) > 1 and s[1] == ":")
 
 
 def _exception_chain(exc: BaseException) -> list[BaseException]:
@@ -174,9 +172,7 @@ def explain_hub_error(name: str, exc: BaseException) -> Exception | None:
             "to hours); (2) run `huggingface-cli login` (or `hf auth login`, or set HF_TOKEN) with that "
             "account; or (3) download the weights elsewhere and pass the local folder instead."
         )
-    if any(isinstance(e, hub_errors.LocalEntryNotFoundError) for e in chain) or (
-        _hub_offline() and "offline" in text
-    ):
+    if any(isinstance(e, hub_errors.LocalEntryNotFoundError) for e in chain) or (_hub_offline() and "offline" in text):
         how = "HF_HUB_OFFLINE=1 is set" if _hub_offline() else "the hub could not be reached"
         return CheckpointNotFoundError(
             f"{how} and the files of '{name}' are not in the local cache "
@@ -272,11 +268,7 @@ def check_llama_modules(model: torch.nn.Module) -> None:
             f"{type(model).__name__} has no rotary embedding (`model.rotary_emb`). Fix: use a Llama checkpoint."
         )
     for i, layer in enumerate(layers):
-        missing = [
-            f"self_attn.{p}"
-            for p in ATTENTION_PROJECTIONS
-            if not hasattr(getattr(layer, "self_attn", None), p)
-        ]
+        missing = [f"self_attn.{p}" for p in ATTENTION_PROJECTIONS if not hasattr(getattr(layer, "self_attn", None), p)]
         missing += [f"mlp.{p}" for p in MLP_PROJECTIONS if not hasattr(getattr(layer, "mlp", None), p)]
         if missing:
             raise NotLlamaError(
@@ -326,9 +318,7 @@ def out_of_memory_advice(
     except (RuntimeError, MemoryError) as exc:
         if not _is_out_of_memory(exc):
             raise
-        raise ModelOutOfMemoryError(
-            out_of_memory_message(stage, quantization, gradient_checkpointing)
-        ) from exc
+        raise ModelOutOfMemoryError(out_of_memory_message(stage, quantization, gradient_checkpointing)) from exc
 
 
 # ----------------------------------------------------------------------------------------------
@@ -412,9 +402,7 @@ def load_llama(
             **hub_kwargs,
         )
         check_llama_modules(model)
-        model = prepare_for_training(
-            model, qconfig is not None, gradient_checkpointing, prepare_for_kbit_training
-        )
+        model = prepare_for_training(model, qconfig is not None, gradient_checkpointing, prepare_for_kbit_training)
     return model.eval()
 
 

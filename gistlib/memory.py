@@ -80,10 +80,7 @@ class ModelShape:
 
     def unquantized_params(self) -> int:
         """Embeddings, lm_head and RMSNorm weights: V d (x2 unless tied) + (2L + 1) d."""
-        return (
-            self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
-            + (2 * self.layers + 1) * self.hidden
-        )
+        return self.vocab * self.hidden * (1 if self.tied_embeddings else 2) + (2 * self.layers + 1) * self.hidden
 
     def num_parameters(self) -> int:
         return self.linear_params() + self.unquantized_params()
@@ -125,9 +122,7 @@ class MemoryEstimate:
 
     @property
     def total(self) -> float:
-        return (
-            self.weights + self.adapters + self.gradients + self.optimizer + self.activations + self.overhead
-        )
+        return self.weights + self.adapters + self.gradients + self.optimizer + self.activations + self.overhead
 
     def gib(self) -> dict[str, float]:
         parts = {k: v for k, v in asdict(self).items() if k != "details"}
@@ -256,9 +251,7 @@ def _activation_bytes(quantization: str | None, dtype_bytes: int, prepare_for_kb
     return 4 if quantization is not None and prepare_for_kbit_training else dtype_bytes
 
 
-def _parameter_terms(
-    shape: ModelShape, n_trainable: int, quantization, dtype_bytes, prepare
-) -> dict[str, float]:
+def _parameter_terms(shape: ModelShape, n_trainable: int, quantization, dtype_bytes, prepare) -> dict[str, float]:
     return {
         "weights": weight_bytes(shape, quantization, dtype_bytes, prepare),
         "adapters": n_trainable * 4.0,
@@ -304,9 +297,7 @@ def estimate_memory(
     dequant = dequant_workspace_bytes(shape, quantization)
     logits = logits_bytes(batch_size, down_len, shape.vocab)
     held = HELD_LOGITS_COPIES * logits
-    phase_a = (
-        hyper.stored + down.stored + prefix + max(LOGITS_COPIES * logits, held + down.transient + dequant)
-    )
+    phase_a = hyper.stored + down.stored + prefix + max(LOGITS_COPIES * logits, held + down.transient + dequant)
     phase_b = hyper.stored + prefix + held + hyper.transient + dequant
     params = _parameter_terms(
         shape,
@@ -320,9 +311,7 @@ def estimate_memory(
         "down_transient": down.transient, "prefix": prefix, "logits": logits, "dequant": dequant,
         "phase_a": phase_a, "phase_b": phase_b,
     }  # fmt: skip
-    return MemoryEstimate(
-        **params, activations=max(phase_a, phase_b), overhead=runtime_overhead_bytes, details=details
-    )
+    return MemoryEstimate(**params, activations=max(phase_a, phase_b), overhead=runtime_overhead_bytes, details=details)
 
 
 def estimate_lora_step_memory(
@@ -347,9 +336,7 @@ def estimate_lora_step_memory(
     one = pass_memory(shape, batch_size, seq_len, lora_rank, gradient_checkpointing, act, mask=False)
     dequant = dequant_workspace_bytes(shape, quantization)
     logits = logits_bytes(batch_size, seq_len, shape.vocab)
-    activations = one.stored + max(
-        LOGITS_COPIES * logits, HELD_LOGITS_COPIES * logits + one.transient + dequant
-    )
+    activations = one.stored + max(LOGITS_COPIES * logits, HELD_LOGITS_COPIES * logits + one.transient + dequant)
     params = _parameter_terms(
         shape, lora_params(shape, lora_rank), quantization, dtype_bytes, prepare_for_kbit_training
     )
@@ -420,11 +407,7 @@ class TensorMemoryTracker(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         self._sweep()
-        inputs = {
-            t.untyped_storage()._cdata
-            for t in pytree.tree_leaves((args, kwargs))
-            if isinstance(t, torch.Tensor)
-        }
+        inputs = {t.untyped_storage()._cdata for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
         for t in pytree.tree_leaves(out):
             if not isinstance(t, torch.Tensor) or t.device.type == "meta":
                 continue
@@ -476,14 +459,10 @@ def measure_base_lora_step(
     )  # fmt: skip
     model = get_peft_model(
         model,
-        LoraConfig(
-            r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0, target_modules=list(LORA_TARGETS)
-        ),
+        LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0, target_modules=list(LORA_TARGETS)),
     )
     if gradient_checkpointing:
-        model.base_model.model.activation_checkpointing_enable(
-            activation_checkpointing_kwargs={"use_reentrant": False}
-        )
+        model.base_model.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
@@ -497,9 +476,7 @@ def measure_base_lora_step(
 
     step()  # warm-up: AdamW states now exist
     optimizer.zero_grad(set_to_none=True)
-    states = [
-        t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor) and t.dim() > 0
-    ]
+    states = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor) and t.dim() > 0]
     static = tensor_bytes(list(model.parameters())) + tensor_bytes(states)
     peak = measure_peak_bytes(step)
     est = estimate_lora_step_memory(

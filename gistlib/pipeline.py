@@ -81,7 +81,7 @@ class PocketConfig:
     gisting_lr: float = 1e-3
     # early stopping on validation tasks (never on test)
     eval_every: int = 250
-    patience: int = 4
+    patience: int = 0  # 0: never stop early, only keep the best weights (training plateaus, then jumps)
     val_episodes: int = 96
     # evaluation
     test_episodes: int = 300

@@ -91,8 +91,9 @@ def tune_prefixes(
     """
     if init.batch_size != len(episodes):
         raise ValueError(f"init holds {init.batch_size} prefixes for {len(episodes)} episodes")
-    for p in model.parameters():
-        p.requires_grad_(False)
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)  # only the prefix trains (restored on return)
     keys = init.keys.detach().clone().float().requires_grad_(True)
     values = init.values.detach().clone().float().requires_grad_(True)
     opt = torch.optim.Adam([keys, values], lr=lr)
@@ -109,4 +110,6 @@ def tune_prefixes(
         opt.zero_grad()
         loss.backward()
         opt.step()
+    for p, flag in flags:
+        p.requires_grad_(flag)
     return snapshots

@@ -86,18 +86,14 @@ def test_jsonl_round_trip(tmp_path):
 def test_bad_jsonl_is_located_or_counted(tmp_path):
     p = tmp_path / "bad.jsonl"
     good = json.dumps({"name": "ok", "examples": [{"input": "a", "output": "b"}]})
-    p.write_text(
-        good + "\n{not json\n" + json.dumps({"name": "t2", "examples": [{"input": "a"}]}) + "\n" + good + "\n"
-    )
+    p.write_text(good + "\n{not json\n" + json.dumps({"name": "t2", "examples": [{"input": "a"}]}) + "\n" + good + "\n")
     with pytest.raises(DataError, match=r"bad.jsonl:2"):
         load_tasks_jsonl(p)
     report = LoadReport()
     tasks = load_tasks_jsonl(p, report=report)
     assert len(tasks) == 2 and report.loaded == 2 and report.num_skipped == 2
     assert (
-        "bad.jsonl:3" in report.skipped[1]
-        and "examples[0].output" in report.skipped[1]
-        and "t2" in report.skipped[1]
+        "bad.jsonl:3" in report.skipped[1] and "examples[0].output" in report.skipped[1] and "t2" in report.skipped[1]
     )
 
 
@@ -109,15 +105,9 @@ def test_hf_datasets_round_trip(tmp_path):
     assert isinstance(ds, datasets.Dataset) and len(ds) == 211
     back = tasks_from_dataset(ds)
     assert [t.name for t in back] == ["small", "big", "tiny"]
-    assert (
-        back[1].examples == tasks[1].examples
-        and back[1].meta == {"level": 2}
-        and back[1].definition == "Do it."
-    )
+    assert back[1].examples == tasks[1].examples and back[1].meta == {"level": 2} and back[1].definition == "Do it."
     save_rows_jsonl(tasks, tmp_path / "rows.jsonl")
-    local = datasets.load_dataset(
-        "json", data_files=str(tmp_path / "rows.jsonl"), cache_dir=str(tmp_path / "cache")
-    )
+    local = datasets.load_dataset("json", data_files=str(tmp_path / "rows.jsonl"), cache_dir=str(tmp_path / "cache"))
     assert [len(t.examples) for t in tasks_from_dataset(local["train"])] == [10, 200, 1]
 
 

@@ -58,8 +58,7 @@ def test_rules_are_disjoint_across_splits(suite):
             continue
         xs = [e.input.split() for e in t.examples[:8]]
         assert all(
-            apply_transform(tuple(t.meta["rule"].split(",")), x) == e.output.split()
-            for x, e in zip(xs, t.examples)
+            apply_transform(tuple(t.meta["rule"].split(",")), x) == e.output.split() for x, e in zip(xs, t.examples)
         )
         for r in train_rules:
             assert any(apply_transform(r, x) != e.output.split() for x, e in zip(xs, t.examples)), (t.name, r)
@@ -72,8 +71,7 @@ def test_classification_tasks_are_injective_maps_with_choices(suite):
         C = t.meta["num_categories"]
         assert all(e.choices == t.examples[0].choices and len(e.choices) == C for e in t.examples)
         assert (
-            len({e.output for e in t.examples}) == C
-            and Counter(e.output for e in t.examples).most_common(1)[0][1] == 6
+            len({e.output for e in t.examples}) == C and Counter(e.output for e in t.examples).most_common(1)[0][1] == 6
         )
         assert all(e.output in e.choices for e in t.examples)
 

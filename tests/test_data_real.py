@@ -47,9 +47,7 @@ def test_sni_splits_and_tasks():
         assert len(t.examples) == 100 and len(t.fixed_demos) >= 2 and t.definition
     copa = next(t for t in tasks if t.name.startswith("task1393"))
     raw = json.loads((DATA / "sni" / "tasks" / f"{copa.name}.json").read_text())
-    assert [e.input for e in copa.examples] == [
-        i["input"].strip() for i in raw["Instances"][:100]
-    ]  # first 100
+    assert [e.input for e in copa.examples] == [i["input"].strip() for i in raw["Instances"][:100]]  # first 100
     assert copa.definition == raw["Definition"][0].strip()
 
 
@@ -102,10 +100,7 @@ def test_p3_cb_examples_match_labels():
     assert len(t.examples) == len(raw) == 56
     words = {"entailment": "Yes", "contradiction": "No", "neutral": "Maybe"}
     for ex, row in zip(t.examples, raw):
-        assert (
-            ex.input
-            == f'Suppose {row["premise"]} Can we infer that "{row["hypothesis"]}"? Yes, no, or maybe?'
-        )
+        assert ex.input == f'Suppose {row["premise"]} Can we infer that "{row["hypothesis"]}"? Yes, no, or maybe?'
         assert ex.output == words[row["label"]] and ex.choices == ["Yes", "No", "Maybe"]
 
 
@@ -136,10 +131,7 @@ def test_p3_every_dataset_renders(dataset, split):
 
 
 def test_p3_label_mapping():
-    assert (
-        to_hf_schema("super_glue/cb", {"premise": "p", "hypothesis": "h", "label": "neutral"})[0]["label"]
-        == 2
-    )
+    assert to_hf_schema("super_glue/cb", {"premise": "p", "hypothesis": "h", "label": "neutral"})[0]["label"] == 2
     assert to_hf_schema("super_glue/rte", {"label": "not_entailment"})[0]["label"] == 1
     assert to_hf_schema("super_glue/boolq", {"label": True})[0]["label"] == 1
     wsc = to_hf_schema(
@@ -183,14 +175,10 @@ def test_p3_custom_filters_and_errors():
     )
     assert task.examples == [] and report.num_skipped == 1
     assert (
-        "cb.jsonl:3" in report.skipped[0]
-        and "toy" in report.skipped[0]
-        and "super_glue_cb__toy" in report.skipped[0]
+        "cb.jsonl:3" in report.skipped[0] and "toy" in report.skipped[0] and "super_glue_cb__toy" in report.skipped[0]
     )
     with pytest.raises(DataError, match=r"cb.jsonl:4.*super_glue_cb__toy.*unknown label 'maybe'"):
-        build_p3_task(
-            "super_glue/cb", t, [("cb.jsonl", 4, {"premise": "p", "hypothesis": "h", "label": "maybe"})]
-        )
+        build_p3_task("super_glue/cb", t, [("cb.jsonl", 4, {"premise": "p", "hypothesis": "h", "label": "maybe"})])
     with pytest.raises(DataError, match=r"cb.jsonl:5, field 'label'"):
         build_p3_task("super_glue/cb", t, [("cb.jsonl", 5, {"premise": "p", "hypothesis": "h"})])
 
@@ -261,7 +249,4 @@ def test_symbol_episode_renders_from_real_data():
     ep = symbol_episode(trec, 1, 1, random.Random(0))
     tok = build_tokenizer([e.input for e in trec.examples[:50]], num_gist_tokens=2, vocab_size=300)
     ids, labels = render_icl(ep, ep.queries[0], tok, VERBOSE, 512)
-    assert (
-        tok.decode([i for i, l in zip(ids, labels) if l != -100], skip_special_tokens=True)
-        == ep.queries[0].output
-    )
+    assert tok.decode([i for i, l in zip(ids, labels) if l != -100], skip_special_tokens=True) == ep.queries[0].output

@@ -56,10 +56,7 @@ def test_downstream_layout_and_labels(bpe):
     q = Example("a dog ran", "negative")
     ids, labels = render_downstream(q, bpe, VERBOSE, 64)
     expected = (
-        [bpe.bos_token_id]
-        + enc(bpe, "\nInput:\na dog ran\nOutput:\n")
-        + enc(bpe, "negative")
-        + [bpe.eos_token_id]
+        [bpe.bos_token_id] + enc(bpe, "\nInput:\na dog ran\nOutput:\n") + enc(bpe, "negative") + [bpe.eos_token_id]
     )
     assert ids == expected
     n_answer = len(enc(bpe, "negative")) + 1
@@ -73,10 +70,7 @@ def test_hyper_input_layout(bpe):
     ep = episode()
     ids = render_hyper_input(ep, bpe, g, VERBOSE, 512)
     text = (
-        "Definition:\n"
-        + ep.definition
-        + "\n"
-        + "".join(f"\nInput:\n{d.input}\nOutput:\n{d.output}" for d in ep.demos)
+        "Definition:\n" + ep.definition + "\n" + "".join(f"\nInput:\n{d.input}\nOutput:\n{d.output}" for d in ep.demos)
     )
     assert ids[0] == bpe.bos_token_id and ids[-4:] == g
     assert bpe.decode(ids[1:-4]) == text
@@ -161,9 +155,7 @@ def test_budget_property(bpe, n_demos, budget, seed):
     prefix = [sum(lengths[:i]) for i in range(len(lengths) + 1)]
     assert kept in prefix  # whole demos, in order
     i = prefix.index(kept)
-    assert i == len(demos) or kept + lengths[i] > budget - (
-        len(ids) - kept
-    )  # greedy: the next one did not fit
+    assert i == len(demos) or kept + lengths[i] > budget - (len(ids) - kept)  # greedy: the next one did not fit
 
 
 def test_collate_right_and_left(bpe):

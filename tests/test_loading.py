@@ -138,9 +138,7 @@ def test_default_device_map_follows_cuda(monkeypatch):
 
 
 def test_non_llama_checkpoint(tmp_path):
-    GPT2Config(
-        n_embd=64, n_layer=2, n_head=2, vocab_size=100, bos_token_id=0, eos_token_id=0
-    ).save_pretrained(tmp_path)
+    GPT2Config(n_embd=64, n_layer=2, n_head=2, vocab_size=100, bos_token_id=0, eos_token_id=0).save_pretrained(tmp_path)
     with pytest.raises(NotLlamaError, match="model_type is 'gpt2'") as info:
         load_llama(tmp_path, quantization=None)
     assert isinstance(info.value, ValueError)
@@ -178,9 +176,7 @@ def test_hub_id_offline_not_cached():
 def _gated_error() -> hub_errors.GatedRepoError:
     url = "https://huggingface.co/meta-llama/Llama-2-7b-hf/resolve/main/config.json"
     response = httpx2.Response(403, request=httpx2.Request("GET", url))
-    return hub_errors.GatedRepoError(
-        "Access to model meta-llama/Llama-2-7b-hf is restricted.", response=response
-    )
+    return hub_errors.GatedRepoError("Access to model meta-llama/Llama-2-7b-hf is restricted.", response=response)
 
 
 def test_gated_checkpoint_explains_access(monkeypatch):

@@ -45,9 +45,9 @@ def test_from_config_and_lora_count_match_real_models():
 def test_nf4_weight_bytes_match_a_loaded_4bit_model(tmp_path):
     from gistlib.loading import load_llama
 
-    build_tiny_llama(
-        hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=2
-    ).save_pretrained(tmp_path)
+    build_tiny_llama(hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=2).save_pretrained(
+        tmp_path
+    )
     model = load_llama(tmp_path, quantization="nf4", gradient_checkpointing=False)
     measured = 0
     for module in model.modules():
@@ -55,14 +55,10 @@ def test_nf4_weight_bytes_match_a_loaded_4bit_model(tmp_path):
             qs = module.weight.quant_state
             measured += module.weight.numel() * module.weight.element_size()
             measured += qs.absmax.numel() * qs.absmax.element_size() + qs.state2.absmax.numel() * 4
-    unquantized = sum(
-        p.numel() * p.element_size() for p in model.parameters() if p.__class__.__name__ != "Params4bit"
-    )
+    unquantized = sum(p.numel() * p.element_size() for p in model.parameters() if p.__class__.__name__ != "Params4bit")
     shape = ModelShape.from_config(model.config)
     assert memory.linear_weight_bytes(shape, "nf4") == pytest.approx(measured, rel=0.01)
-    assert weight_bytes(shape, "nf4") == pytest.approx(
-        measured + unquantized, rel=0.01
-    )  # fp32 embeddings/norms
+    assert weight_bytes(shape, "nf4") == pytest.approx(measured + unquantized, rel=0.01)  # fp32 embeddings/norms
     assert weight_bytes(shape, "nf4") < weight_bytes(shape, "int8") < weight_bytes(shape, None, dtype_bytes=4)
 
 
@@ -110,9 +106,7 @@ def test_estimate_terms_move_the_right_way():
     assert estimate_memory(LLAMA2_7B, batch_size=8).activations > base.activations
     assert estimate_memory(LLAMA2_7B, hyper_len=2048).activations > base.activations
     assert estimate_memory(LLAMA2_7B, gradient_checkpointing=False).activations > 5 * base.activations
-    assert estimate_memory(LLAMA2_7B, activation_bytes=2).activations == pytest.approx(
-        base.activations / 2, rel=0.1
-    )
+    assert estimate_memory(LLAMA2_7B, activation_bytes=2).activations == pytest.approx(base.activations / 2, rel=0.1)
     assert estimate_memory(LLAMA2_7B, lora_rank=16).optimizer == pytest.approx(2 * base.optimizer, rel=0.01)
     assert estimate_memory(LLAMA2_13B).total > base.total
     # nf4 7B weights: 3.34 GB of 4-bit linears + 1.05 GB of fp32 embeddings/lm_head
@@ -149,9 +143,7 @@ def test_hyperllama_estimate_agrees_with_a_two_pass_emulation():
 
     shape, batch, hyper_len, down_len, k = ModelShape(128, 4, 4, 4, 512, 512), 8, 96, 48, 8
     base = build_tiny_llama(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=4, intermediate_size=512)
-    model = get_peft_model(
-        base, LoraConfig(r=8, lora_alpha=16, target_modules=list(memory.LORA_TARGETS))
-    ).train()
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=list(memory.LORA_TARGETS))).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     gen = torch.Generator().manual_seed(0)
     hyper_ids = torch.randint(0, 512, (batch, hyper_len), generator=gen)
@@ -183,9 +175,7 @@ def test_hyperllama_estimate_agrees_with_a_two_pass_emulation():
     step()
     states = [t for s in optimizer.state.values() for t in s.values() if t.dim() > 0]
     measured = (
-        memory.tensor_bytes(list(model.parameters()))
-        + memory.tensor_bytes(states)
-        + memory.measure_peak_bytes(step)
+        memory.tensor_bytes(list(model.parameters())) + memory.tensor_bytes(states) + memory.measure_peak_bytes(step)
     )
     est = estimate_memory(
         shape, quantization=None, lora_rank=8, num_gist_tokens=k, batch_size=batch, hyper_len=hyper_len,

@@ -142,9 +142,7 @@ class EpisodeSampler:
         for t in tasks:
             demos = 0 if t.fixed_demos is not None else self._demos_for(t)
             if len(t.examples) < demos + num_queries:
-                self.report.skip(
-                    ValueError(f"task {t.name!r}: {len(t.examples)} examples < {demos + num_queries}")
-                )
+                self.report.skip(ValueError(f"task {t.name!r}: {len(t.examples)} examples < {demos + num_queries}"))
             else:
                 self.tasks.append(t)
         self.report.loaded = len(self.tasks)
@@ -231,9 +229,7 @@ def task_from_dict(d: dict, file=None, line=None) -> Task:
 def save_tasks_jsonl(tasks: Sequence[Task], path: str | os.PathLike) -> None:
     """Write one task per line, keys in a fixed order, so equal tasks give equal bytes."""
     with open(path, "w", encoding="utf-8", newline="\n") as f:
-        f.writelines(
-            json.dumps(task_to_dict(t), ensure_ascii=False, separators=(",", ":")) + "\n" for t in tasks
-        )
+        f.writelines(json.dumps(task_to_dict(t), ensure_ascii=False, separators=(",", ":")) + "\n" for t in tasks)
 
 
 def load_tasks_jsonl(path: str | os.PathLike, report: LoadReport | None = None) -> list[Task]:
@@ -288,9 +284,7 @@ def tasks_from_rows(rows, report: LoadReport | None = None) -> list[Task]:
         if name not in tasks:
             meta = json.loads(row["meta"]) if row.get("meta") else {}
             tasks[name] = Task(name, [], row.get("definition"), row.get("family"), meta)
-        tasks[name].examples.append(
-            Example(row["input"], row["output"], row.get("choices"), row.get("references"))
-        )
+        tasks[name].examples.append(Example(row["input"], row["output"], row.get("choices"), row.get("references")))
     if report is not None:
         report.loaded += len(tasks)
     return list(tasks.values())

@@ -74,17 +74,13 @@ def load_templates(dataset: str, root: str | os.PathLike | None = None) -> list[
         raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_TemplateLoader)
     except yaml.YAMLError as e:
         line = e.problem_mark.line + 1 if getattr(e, "problem_mark", None) else None
-        raise DataError(
-            f"YAML does not parse ({getattr(e, 'problem', e)})", file=path, line=line, task=dataset
-        ) from e
+        raise DataError(f"YAML does not parse ({getattr(e, 'problem', e)})", file=path, line=line, task=dataset) from e
     if not isinstance(raw, dict) or not isinstance(raw.get("templates"), dict):
         raise DataError("no 'templates' mapping", file=path, field="templates", task=dataset)
     out = []
     for tid, t in raw["templates"].items():
         if not isinstance(t, dict) or "jinja" not in t:
-            raise DataError(
-                "template without 'jinja'", file=path, field=f"templates.{tid}.jinja", task=dataset
-            )
+            raise DataError("template without 'jinja'", file=path, field=f"templates.{tid}.jinja", task=dataset)
         out.append(
             PromptTemplate(
                 str(tid),
@@ -290,9 +286,7 @@ def build_p3_task(
     if report is not None:
         report.loaded += len(examples)
         if not_applicable:
-            report.skip(
-                ValueError(f"task {name!r}: template does not apply to {not_applicable} rows (P3 drops them)")
-            )
+            report.skip(ValueError(f"task {name!r}: template does not apply to {not_applicable} rows (P3 drops them)"))
     meta = {
         "dataset": dataset,
         "template": template.name,

@@ -90,9 +90,7 @@ def _classify_tasks(world: dict, rng: random.Random) -> dict[str, list[Task]]:
                     continue
                 seen.add(rule)
                 choices = sorted(syms)
-                examples = [
-                    Example(word, sym, choices) for cat, sym in rule for word in world["categories"][cat]
-                ]
+                examples = [Example(word, sym, choices) for cat, sym in rule for word in world["categories"][cat]]
                 rng.shuffle(examples)
                 idx = len(out[split])
                 out[split].append(
@@ -180,9 +178,7 @@ def _transform_tasks(rng: random.Random) -> dict[str, list[Task]]:
                 inputs: set[tuple[str, ...]] = set()
                 while len(inputs) < EXAMPLES_PER_GENERATION_TASK:
                     inputs.add(tuple(rng.choice(LETTERS) for _ in range(TRANSFORM_LENGTH)))
-                examples = [
-                    Example(" ".join(x), " ".join(apply_transform(rule, list(x)))) for x in sorted(inputs)
-                ]
+                examples = [Example(" ".join(x), " ".join(apply_transform(rule, list(x)))) for x in sorted(inputs)]
                 rng.shuffle(examples)
                 idx = len(out[split])
                 out[split].append(
@@ -251,9 +247,7 @@ def generate_pocket_suite(seed: int = 0) -> dict[str, list[Task]]:
 def pocket_vocabulary(seed: int = 0) -> list[str]:
     """Every word the suite, its corpus and both render formats can produce, sorted."""
     world = pocket_world(seed)
-    words = (
-        {w for cat in world["categories"] for w in cat} | set(world["symbols"]) | set(LETTERS) | set(DIGITS)
-    )
+    words = {w for cat in world["categories"] for w in cat} | set(world["symbols"]) | set(LETTERS) | set(DIGITS)
     for fmt in (COMPACT, VERBOSE):
         for field_text in fmt.__dict__.values():
             words |= set(field_text.split())
@@ -266,9 +260,7 @@ def pocket_tokenizer(num_gist_tokens: int = 16, seed: int = 0):
 
     vocab = pocket_vocabulary(seed)
     # one occurrence of each word: the trainer then orders them by its (deterministic) tie rule
-    return build_tokenizer(
-        [" ".join(vocab[:-1]) + "\n"], num_gist_tokens=num_gist_tokens, kind="word", vocab_size=1000
-    )
+    return build_tokenizer([" ".join(vocab[:-1]) + "\n"], num_gist_tokens=num_gist_tokens, kind="word", vocab_size=1000)
 
 
 def pocket_words_by_id(seed: int = 0) -> list[str]:
@@ -296,8 +288,7 @@ def hyperpretraining_corpus(
         exs = rng.sample(task.examples, min(examples_per_document, len(task.examples)))
         docs.append(
             "".join(
-                fmt.demo_input_prefix + e.input + fmt.demo_output_prefix + e.output + fmt.demo_suffix
-                for e in exs
+                fmt.demo_input_prefix + e.input + fmt.demo_output_prefix + e.output + fmt.demo_suffix for e in exs
             ).strip()
         )
     return docs

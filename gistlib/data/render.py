@@ -97,9 +97,7 @@ def choice_ids(query: Example, tokenizer, fmt: RenderFormat = VERBOSE) -> list[l
     return [answer_ids(c, tokenizer, fmt) for c in query.choices]
 
 
-def fit_demos(
-    demos: Sequence[Example], tokenizer, fmt: RenderFormat, budget: int, task: str
-) -> list[list[int]]:
+def fit_demos(demos: Sequence[Example], tokenizer, fmt: RenderFormat, budget: int, task: str) -> list[list[int]]:
     """Token ids of the demos that fit in `budget` tokens: in order, stopping at the first that overflows.
 
     If there are demos but not even the first fits, raise ValueError naming the task."""
@@ -139,9 +137,7 @@ def render_hyper_input(
     episode: Episode, tokenizer, gist_ids: list[int], fmt: RenderFormat = VERBOSE, max_tokens: int = 1024
 ) -> list[int]:
     """Hypernetwork input `[BOS] definition demos G_1..G_k` (ids, length <= max_tokens). No labels."""
-    return _prefix_with_demos(
-        episode, tokenizer, fmt, max_tokens, len(gist_ids), "definition + gists"
-    ) + list(gist_ids)
+    return _prefix_with_demos(episode, tokenizer, fmt, max_tokens, len(gist_ids), "definition + gists") + list(gist_ids)
 
 
 def render_downstream_prompt(
@@ -199,9 +195,7 @@ def render_gisting_prompt(
 ) -> list[int]:
     """`[BOS] definition demos G_1..G_k query-part`, `reserve` tokens kept for the answer."""
     q = query_ids(query, tokenizer, fmt)
-    head = _prefix_with_demos(
-        episode, tokenizer, fmt, max_tokens, len(gist_ids) + len(q) + reserve, "gists + query"
-    )
+    head = _prefix_with_demos(episode, tokenizer, fmt, max_tokens, len(gist_ids) + len(q) + reserve, "gists + query")
     return head + list(gist_ids) + q
 
 

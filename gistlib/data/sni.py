@@ -121,9 +121,7 @@ def load_sni_tasks(
     return tasks, missing
 
 
-def sni_episode(
-    task: Task, queries: list[Example] | None = None, num_pos: int = NUM_POSITIVE_EXAMPLES
-) -> Episode:
+def sni_episode(task: Task, queries: list[Example] | None = None, num_pos: int = NUM_POSITIVE_EXAMPLES) -> Episode:
     """The Tk-Instruct episode: definition + the first `num_pos` positive examples as demos, `queries`
     (default: all the task's instances)."""
     return Episode(

@@ -69,9 +69,7 @@ def _classification_dir(root) -> Path:
     return Path(root) if root is not None else shared_data_dir() / "classification"
 
 
-def read_sst2(
-    split: str = "train", root: str | os.PathLike | None = None, report: LoadReport | None = None
-) -> Task:
+def read_sst2(split: str = "train", root: str | os.PathLike | None = None, report: LoadReport | None = None) -> Task:
     """SST-2 lines `<0/1> <sentence>` -> Task 'sst2' with outputs 'negative'/'positive'."""
     path = _classification_dir(root) / "sst2" / f"stsa.binary.{split}"
     examples = []
@@ -81,9 +79,7 @@ def read_sst2(
         label, _, text = line.partition(" ")
         if label not in SST2_LABELS or not text.strip():
             handle(
-                DataError(
-                    f"expected '<0/1> <sentence>', got {line[:40]!r}", file=path, line=lineno, task="sst2"
-                ),
+                DataError(f"expected '<0/1> <sentence>', got {line[:40]!r}", file=path, line=lineno, task="sst2"),
                 report,
             )
             continue
@@ -91,9 +87,7 @@ def read_sst2(
     return _finish(Task("sst2", examples, family="classification"), report)
 
 
-def read_trec(
-    split: str = "train", root: str | os.PathLike | None = None, report: LoadReport | None = None
-) -> Task:
+def read_trec(split: str = "train", root: str | os.PathLike | None = None, report: LoadReport | None = None) -> Task:
     """TREC lines `COARSE:fine question` -> Task 'trec' with the 6 coarse classes as words."""
     path = _classification_dir(root) / "trec" / f"{split}.txt"
     examples = []
@@ -104,9 +98,7 @@ def read_trec(
         coarse = label.split(":")[0]
         if coarse not in TREC_LABELS or not text.strip():
             handle(
-                DataError(
-                    f"expected 'COARSE:fine question', got {line[:40]!r}", file=path, line=lineno, task="trec"
-                ),
+                DataError(f"expected 'COARSE:fine question', got {line[:40]!r}", file=path, line=lineno, task="trec"),
                 report,
             )
             continue
@@ -122,9 +114,7 @@ def read_nli_jsonl(path: str | os.PathLike, name: str, report: LoadReport | None
         if missing:
             handle(DataError("missing field", file=path, line=lineno, field=missing[0], task=name), report)
             continue
-        examples.append(
-            Example(f"Premise: {row['premise']}\nHypothesis: {row['hypothesis']}", str(row["label"]))
-        )
+        examples.append(Example(f"Premise: {row['premise']}\nHypothesis: {row['hypothesis']}", str(row["label"])))
     return _finish(Task(name, examples, family="classification"), report)
 
 
