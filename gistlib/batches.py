@@ -18,6 +18,7 @@ import torch
 
 from gistlib.data import (
     COMPACT,
+    Episode,
     EpisodeSampler,
     RenderFormat,
     Task,
@@ -28,7 +29,7 @@ from gistlib.data import (
     render_icl,
 )
 
-__all__ = ["icl_batches", "gisting_batches", "hyper_batches", "hyperpretrain_batches"]
+__all__ = ["icl_batches", "gisting_batches", "hyper_batches", "hyper_episode_batches", "hyperpretrain_batches"]
 
 
 def _episodes(tasks, seed, num_queries, repeat_demo_prob, num_demos=None):
@@ -37,6 +38,16 @@ def _episodes(tasks, seed, num_queries, repeat_demo_prob, num_demos=None):
             tasks, num_demos=num_demos, num_queries=num_queries, seed=seed, repeat_demo_prob=repeat_demo_prob
         )
     )
+
+
+def _single_sequence_batches(episodes: Iterator[Episode], render, pad_id: int, batch_size: int):
+    """Batches of one rendered (ids, labels) row per episode, on its first query."""
+    while True:
+        rows = []
+        for _ in range(batch_size):
+            ep = next(episodes)
+            rows.append(render(ep, ep.queries[0]))
+        yield collate(rows, pad_id)
 
 
 def icl_batches(
@@ -53,12 +64,8 @@ def icl_batches(
 
     num_demos=None takes each task's `meta["num_demos"]` (the pocket suite's levels)."""
     episodes = _episodes(tasks, seed, 1, repeat_demo_prob, num_demos)
-    while True:
-        rows = []
-        for _ in range(batch_size):
-            ep = next(episodes)
-            rows.append(render_icl(ep, ep.queries[0], tokenizer, fmt, max_tokens))
-        yield collate(rows, tokenizer.pad_token_id)
+    render = lambda ep, q: render_icl(ep, q, tokenizer, fmt, max_tokens)
+    return _single_sequence_batches(episodes, render, tokenizer.pad_token_id, batch_size)
 
 
 def gisting_batches(
@@ -74,29 +81,21 @@ def gisting_batches(
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Single-sequence gisting rows (B, L), labels on the answer."""
     episodes = _episodes(tasks, seed, 1, repeat_demo_prob, num_demos)
-    while True:
-        rows = []
-        for _ in range(batch_size):
-            ep = next(episodes)
-            rows.append(render_gisting(ep, ep.queries[0], tokenizer, gist_ids, fmt, max_tokens))
-        yield collate(rows, tokenizer.pad_token_id)
+    render = lambda ep, q: render_gisting(ep, q, tokenizer, gist_ids, fmt, max_tokens)
+    return _single_sequence_batches(episodes, render, tokenizer.pad_token_id, batch_size)
 
 
-def hyper_batches(
-    tasks: Sequence[Task],
+def hyper_episode_batches(
+    episodes: Iterator[Episode],
     tokenizer,
     gist_ids: list[int],
     tasks_per_batch: int,
-    queries_per_task: int,
-    seed: int = 0,
     fmt: RenderFormat = COMPACT,
     max_hyper_tokens: int = 256,
     max_tokens: int = 64,
-    repeat_demo_prob: float = 0.0,
-    num_demos: int | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """HyperLlama batches: `hyper_*` (T, Lh) left padded, downstream (T*Q, L) with `task_index` (T*Q,)."""
-    episodes = _episodes(tasks, seed, queries_per_task, repeat_demo_prob, num_demos)
+    """HyperLlama batches from any episode stream: `hyper_*` (T, Lh) left padded, downstream rows
+    (T*Q, L) for every query, and `task_index` (T*Q,) naming each row's task."""
     while True:
         hyper_rows, down_rows, index = [], [], []
         for t in range(tasks_per_batch):
@@ -113,6 +112,24 @@ def hyper_batches(
             **d,
             "task_index": torch.tensor(index),
         }
+
+
+def hyper_batches(
+    tasks: Sequence[Task],
+    tokenizer,
+    gist_ids: list[int],
+    tasks_per_batch: int,
+    queries_per_task: int,
+    seed: int = 0,
+    fmt: RenderFormat = COMPACT,
+    max_hyper_tokens: int = 256,
+    max_tokens: int = 64,
+    repeat_demo_prob: float = 0.0,
+    num_demos: int | None = None,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """HyperLlama multi-task batches: episodes sampled from `tasks` (see `hyper_episode_batches`)."""
+    episodes = _episodes(tasks, seed, queries_per_task, repeat_demo_prob, num_demos)
+    return hyper_episode_batches(episodes, tokenizer, gist_ids, tasks_per_batch, fmt, max_hyper_tokens, max_tokens)
 
 
 def hyperpretrain_batches(

@@ -47,6 +47,20 @@ def cmd_course(args) -> int:
     return 0
 
 
+def cmd_base(args) -> int:
+    """Pretrain the pocket base (the shipped data/pocket_base is made by exactly this command)."""
+    from pathlib import Path
+
+    from gistlib.data import load_pocket_suite, pocket_tokenizer
+    from gistlib.pipeline import tier_config, train_base
+
+    cfg = tier_config(args.tier, **_overrides(args.set))
+    t0 = time.perf_counter()
+    train_base(cfg, load_pocket_suite(), pocket_tokenizer(16), Path(args.out))
+    print(f"base written to {args.out} in {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
 def cmd_train(args) -> int:
     from gistlib.train_entry import run_train_config
 
@@ -65,11 +79,16 @@ def main(argv: list[str] | None = None) -> int:
     course.add_argument("--tier", default="pocket", help="pocket (laptop CPU) or smoke (seconds, for CI)")
     course.add_argument("--gist-sweep", type=int, nargs="*", help="extra gist-token counts, e.g. 1 2 4 16")
     course.add_argument("--set", nargs="*", metavar="FIELD=VALUE", help="override PocketConfig fields")
+    base = sub.add_parser("base", help="pretrain the pocket base (in-context learner) into --out")
+    base.add_argument("--out", default="data/pocket_base")
+    base.add_argument("--tier", default="pocket")
+    base.add_argument("--set", nargs="*", metavar="FIELD=VALUE", help="override PocketConfig fields")
     tr = sub.add_parser("train", help="train one HyperLlama from a JSON config")
     tr.add_argument("--config", help="JSON file with `model`, `hyper`, `train`, `data` sections")
     tr.add_argument("--set", nargs="*", metavar="SECTION.FIELD=VALUE", help="override config fields")
-    sub.add_parser("recipe", help="real-data recipe: python -m gistlib recipe p3|sni|symbol [--tiny] [--set k=v]",
-                   add_help=False)
+    sub.add_parser(
+        "recipe", help="real-data recipe: python -m gistlib recipe p3|sni|symbol [--tiny] [--set k=v]", add_help=False
+    )
     sub.add_parser("memory", help="memory planner table", add_help=False)
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "recipe":
@@ -86,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 
         run_tour(num_gist_tokens=args.num_gist_tokens)
         return 0
-    return {"course": cmd_course, "train": cmd_train}[args.command](args)
+    return {"course": cmd_course, "train": cmd_train, "base": cmd_base}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -120,18 +120,23 @@ def with_prefixes(name: str, model, prefixes: Prefix, tokenizer, fmt: RenderForm
     return Method(name, prompt, _prefix_logits(model, prefixes), model, prefixes)
 
 
+def _prefixes_in_batches(make, episodes, tokenizer, gist_ids, fmt, max_tokens, batch_size) -> Prefix:
+    """One prefix per episode: `make(input_ids, attention_mask)` over `[BOS] demos G..` rows, in batches."""
+    out = []
+    for i in range(0, len(episodes), batch_size):
+        rows = [render_hyper_input(ep, tokenizer, gist_ids, fmt, max_tokens) for ep in episodes[i : i + batch_size]]
+        b = collate(rows, tokenizer.pad_token_id, padding_side="left")
+        out.append(make(b["input_ids"], b["attention_mask"]))
+    return Prefix.cat(out).detach()
+
+
 @torch.no_grad()
 def hyper_prefixes(
     hyper, episodes: Sequence[Episode], tokenizer, fmt: RenderFormat, max_tokens: int = 1024, batch_size: int = 64
 ) -> Prefix:
     """HyperLlama prefixes (n, E, H, k, hd), one per episode, from its demos."""
     gist_ids = hyper.gist_ids.tolist()
-    out = []
-    for i in range(0, len(episodes), batch_size):
-        rows = [render_hyper_input(ep, tokenizer, gist_ids, fmt, max_tokens) for ep in episodes[i : i + batch_size]]
-        b = collate(rows, tokenizer.pad_token_id, padding_side="left")
-        out.append(hyper.make_prefix(b["input_ids"], b["attention_mask"]))
-    return Prefix.cat(out).detach()
+    return _prefixes_in_batches(hyper.make_prefix, episodes, tokenizer, gist_ids, fmt, max_tokens, batch_size)
 
 
 @torch.no_grad()
@@ -145,12 +150,8 @@ def gist_prefixes(
     batch_size: int = 64,
 ) -> Prefix:
     """Gist caching for a gisting model: its gist K/V over `[BOS] demos G..`, one prefix per episode."""
-    out = []
-    for i in range(0, len(episodes), batch_size):
-        rows = [render_hyper_input(ep, tokenizer, gist_ids, fmt, max_tokens) for ep in episodes[i : i + batch_size]]
-        b = collate(rows, tokenizer.pad_token_id, padding_side="left")
-        out.append(extract_prefix(model, b["input_ids"], b["attention_mask"], gist_ids))
-    return Prefix.cat(out).detach()
+    make = lambda ids, am: extract_prefix(model, ids, am, gist_ids)
+    return _prefixes_in_batches(make, episodes, tokenizer, gist_ids, fmt, max_tokens, batch_size)
 
 
 def gisting(model, episodes, tokenizer, gist_ids, fmt: RenderFormat, max_tokens: int = 1024) -> Method:

@@ -34,13 +34,12 @@ from gistlib.attention import use_gistlib_attention
 from gistlib.masks import make_gist_mask
 from gistlib.prefix import (
     Prefix,
+    canonical_prefix,
     forward_with_mask,
     generate_with_prefix,
     gist_positions,
     positions_from_mask,
     prefixed_causal_mask,
-    rope_inv_freq,
-    rotate_keys,
 )
 from gistlib.scoring import sequence_logprobs, token_loss
 
@@ -218,10 +217,8 @@ class HyperLlama(nn.Module):
         )
         keys = torch.stack([store[i][0] for i in range(len(store))])  # (n, B, H, k, hd)
         values = torch.stack([store[i][1] for i in range(len(store))])
-        offset = positions.gather(1, index[:, :1]).squeeze(1)  # (B,)
-        inv_freq = rope_inv_freq(self.base)
-        keys = torch.stack([rotate_keys(k, -offset, inv_freq) for k in keys])
-        return self.prefix_head(Prefix(keys, values))
+        offset = positions.gather(1, index[:, :1]).squeeze(1)  # (B,) position of G_1
+        return self.prefix_head(canonical_prefix(self.base, keys, values, offset))
 
     def downstream_logits(self, prefix: Prefix, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Logits (B, L, V) of the frozen downstream model on tokens after `prefix` (positions k...)."""

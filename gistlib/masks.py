@@ -81,6 +81,18 @@ def _assemble(allowed: torch.Tensor, key_real: torch.Tensor) -> torch.Tensor:
     return ((allowed & key_real[:, None, :]) | eye)[:, None]
 
 
+def _gist_rule(input_ids: torch.Tensor, gist_token_ids, hide_gists: bool) -> torch.Tensor:
+    """(B, Lq, Lk) causal + gist rule: queries after the gists see keys from the first gist on
+    (or, with `hide_gists`, only keys after the last gist: the negative control)."""
+    L = input_ids.shape[1]
+    first, last, _ = gist_span(input_ids, gist_token_ids)
+    pos = torch.arange(L, device=input_ids.device)
+    q, k = pos[None, :, None], pos[None, None, :]  # (1, Lq, 1), (1, 1, Lk)
+    after = q > last[:, None, None]  # (B, Lq, 1): query is past the gists
+    lowest = (last + 1 if hide_gists else first)[:, None, None]  # first key visible after the gists
+    return (k <= q) & (~after | (k >= lowest))
+
+
 def make_causal_mask(
     input_ids: torch.Tensor, pad_token_id: int | None = None, attention_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -117,12 +129,7 @@ def make_gist_mask(
     input_ids: (B, L) long. gist_token_ids: one id (a repeated `<GIST>`) or several (distinct
     `<GIST_i>`). Padding comes from `attention_mask` (B, L) if given, else from `pad_token_id`.
     """
-    B, L = input_ids.shape
-    first, last, _ = gist_span(input_ids, gist_token_ids)
-    pos = torch.arange(L, device=input_ids.device)
-    q, k = pos[None, :, None], pos[None, None, :]  # (1, Lq, 1), (1, 1, Lk)
-    after = q > last[:, None, None]  # (B, Lq, 1): query is past the gists
-    allowed = (k <= q) & (~after | (k >= first[:, None, None]))  # (B, Lq, Lk)
+    allowed = _gist_rule(input_ids, gist_token_ids, hide_gists=False)
     return _assemble(allowed, _key_is_real(input_ids, pad_token_id, attention_mask))
 
 
@@ -152,12 +159,7 @@ def negative_control_mask(
     c     . . . . x .
     d     . . . . x x
     """
-    B, L = input_ids.shape
-    _, last, _ = gist_span(input_ids, gist_token_ids)
-    pos = torch.arange(L, device=input_ids.device)
-    q, k = pos[None, :, None], pos[None, None, :]
-    after = q > last[:, None, None]
-    allowed = (k <= q) & (~after | (k > last[:, None, None]))
+    allowed = _gist_rule(input_ids, gist_token_ids, hide_gists=True)
     return _assemble(allowed, _key_is_real(input_ids, pad_token_id, attention_mask))
 
 

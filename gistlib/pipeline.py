@@ -15,6 +15,7 @@ Results land in `out_dir`: summary.json, results.md and PNG plots (`gistlib.repo
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -215,7 +216,8 @@ def train_base(cfg: PocketConfig, suite, tok, out_dir: Path):
     if best.exists():
         trainee.load_trainable(best)
     model.save_pretrained(out_dir)
-    (out_dir / "train_log.json").write_text(json.dumps(records))
+    shutil.rmtree(out_dir / "run", ignore_errors=True)  # optimizer states etc.: not needed once trained
+    _write_json(out_dir / "train_log.json", records)
     return model.eval()
 
 
@@ -344,6 +346,10 @@ def train_gisting(cfg: PocketConfig, suite, tok, base_dir: Path, k: int):
         trainee.load_trainable(best)
     trainee.save_pretrained(run / "final")
     return model.eval(), records
+
+
+def _write_json(path: Path, value) -> None:
+    path.write_text(json.dumps(value, indent=0))
 
 
 def _read_log(path: Path) -> list[dict]:

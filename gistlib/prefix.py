@@ -34,6 +34,7 @@ __all__ = [
     "rope_inv_freq",
     "gist_positions",
     "gather_gist_kv",
+    "canonical_prefix",
     "extract_prefix",
     "prefixed_causal_mask",
     "forward_with_prefix",
@@ -207,10 +208,16 @@ def extract_prefix(
     index = gist_positions(input_ids, gist_token_ids, attention_mask)  # (B, k)
     layers = [(layer.keys, layer.values) for layer in out.cache.layers]
     keys, values = gather_gist_kv(layers, index)  # (n, B, H, k, hd)
-    offset = positions.gather(1, index[:, :1]).squeeze(1)  # (B,) position of G_1
+    return canonical_prefix(model, keys, values, positions.gather(1, index[:, :1]).squeeze(1))
+
+
+def canonical_prefix(model: torch.nn.Module, keys: torch.Tensor, values: torch.Tensor, offset: torch.Tensor) -> Prefix:
+    """Gist keys (n, B, H, k, hd) rotated at positions offset..offset+k-1 -> a Prefix at 0..k-1.
+
+    offset: (B,) absolute position of G_1 in each row. Values carry no position and stay as they are.
+    """
     inv_freq = rope_inv_freq(model)
-    keys = torch.stack([rotate_keys(k, -offset, inv_freq) for k in keys])
-    return Prefix(keys, values)
+    return Prefix(torch.stack([rotate_keys(k, -offset, inv_freq) for k in keys]), values)
 
 
 def prefixed_causal_mask(past_real: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

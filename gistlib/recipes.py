@@ -48,7 +48,7 @@ from pathlib import Path
 
 import torch
 
-from gistlib.batches import hyper_batches
+from gistlib.batches import hyper_batches, hyper_episode_batches
 from gistlib.data import (
     VERBOSE,
     Episode,
@@ -67,7 +67,6 @@ from gistlib.data.render import (
     definition_ids,
     demo_ids,
     query_ids,
-    render_downstream,
     render_downstream_prompt,
     render_hyper_input,
 )
@@ -498,22 +497,9 @@ def task_texts(tasks: Iterable[Task]) -> Iterator[str]:
 
 def episode_batches(episodes: Iterator[Episode], tokenizer, gist_ids: list[int], recipe: Recipe) -> Iterator[dict]:
     """`hyper_batches`' layout from any episode stream (symbol tuning draws its own episodes)."""
-    while True:
-        hyper_rows, down_rows, index = [], [], []
-        for t in range(recipe.tasks_per_batch):
-            ep = next(episodes)
-            hyper_rows.append(render_hyper_input(ep, tokenizer, gist_ids, VERBOSE, recipe.max_hyper_tokens))
-            for q in ep.queries:
-                down_rows.append(render_downstream(q, tokenizer, VERBOSE, recipe.max_tokens, task=ep.task))
-                index.append(t)
-        h = collate(hyper_rows, tokenizer.pad_token_id, padding_side="left")
-        d = collate(down_rows, tokenizer.pad_token_id)
-        yield {
-            "hyper_input_ids": h["input_ids"],
-            "hyper_attention_mask": h["attention_mask"],
-            **d,
-            "task_index": torch.tensor(index),
-        }
+    return hyper_episode_batches(
+        episodes, tokenizer, gist_ids, recipe.tasks_per_batch, VERBOSE, recipe.max_hyper_tokens, recipe.max_tokens
+    )
 
 
 def training_batches(recipe: Recipe, tasks: Sequence[Task], tokenizer, gist_ids: list[int]) -> Iterator[dict]:

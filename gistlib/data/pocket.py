@@ -7,7 +7,8 @@ chance by construction. Three families share one small word-level vocabulary (< 
                16 symbols, injectively; examples: `word -> symbol`, choices = the task's C symbols.
                levels: C = 2, 4, 8 (num_demos = 2 per category). DESIGN 5b's suite is the C = 4 level.
     transform  a task is a string rule, a composition of 1-3 primitive edits (reverse, rotate, swap,
-               shift letters, sort, duplicate an end) over 5 letters from an 8-letter alphabet; examples `a c f h b -> b h f c a`.
+               shift letters, sort, duplicate an end) over 5 letters from an 8-letter alphabet;
+               examples `a c f h b -> b h f c a`.
                level: rule length (edits in the shortest composition giving that function).
     arith      a task is y = (a*x + c) mod 100 on two-digit numbers written as digits (`4 7 -> 5 3`).
                level: rule_length 1 (a = 1, just "+c"), 2 (a in 3, 7, 9, 11).
