@@ -69,8 +69,6 @@ def cmd_train(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here needs the hub; never stall on it
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     parser = argparse.ArgumentParser(prog="gistlib", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     tour = sub.add_parser("tour", help="tiny model, gist mask, canonical prefix, exact-caching check")
@@ -91,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub.add_parser("memory", help="memory planner table", add_help=False)
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("tour", "course", "base", "memory"):  # these never need the hub: never stall on it
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     if argv and argv[0] == "recipe":
         from gistlib.recipes import main_recipe
 

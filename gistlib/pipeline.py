@@ -41,7 +41,19 @@ from gistlib.models import build_tiny_llama, gist_token_ids
 from gistlib.prefix_tuning import random_prefix, tune_prefixes, vocab_prefix
 from gistlib.train import TrainConfig, train
 
-__all__ = ["PocketConfig", "TIERS", "run_pocket", "load_base", "train_base"]
+__all__ = [
+    "PocketConfig",
+    "TIERS",
+    "tier_config",
+    "run_pocket",
+    "load_base",
+    "train_base",
+    "train_hyper",
+    "train_gisting",
+    "prefix_ladder",
+    "select",
+    "fixed_episodes",
+]
 
 FMT = COMPACT
 ROOT = Path(__file__).resolve().parents[1]

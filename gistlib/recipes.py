@@ -714,9 +714,10 @@ def format_result(result: dict) -> str:
 
 
 def main_recipe(argv: Sequence[str] | None = None) -> int:
-    """`python -m gistlib recipe <name | file.json> [--set key=value ...] [--out DIR] [--tiny] [--dump]`."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    """`python -m gistlib recipe <name | file.json> [--set key=value ...] [--out DIR] [--tiny] [--dump]`.
+
+    Only `--tiny` forces the hub offline; a real checkpoint may come from the hub (gated: log in first).
+    """
     parser = argparse.ArgumentParser(prog="gistlib recipe", description="train and evaluate HyperLlama on real data")
     parser.add_argument("recipe", help=f"built-in ({', '.join(RECIPES)}) or a recipe JSON file")
     parser.add_argument(
@@ -734,6 +735,9 @@ def main_recipe(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--dump", action="store_true", help="print the recipe as JSON and exit")
     args = parser.parse_args(argv)
+    if args.tiny:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     recipe = load_recipe(args.recipe)
     for a in args.set:
         recipe = set_field(recipe, a)

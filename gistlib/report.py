@@ -83,9 +83,13 @@ def results_table(summary: dict) -> str:
 
 
 def _plt():
+    """pyplot; the non-interactive Agg backend only outside IPython/Jupyter (there figures must display)."""
+    import sys
+
     import matplotlib
 
-    matplotlib.use("Agg", force=False)
+    if "IPython" not in sys.modules:
+        matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
     return plt

@@ -1,0 +1,172 @@
+"""Every lesson notebook runs top to bottom in the smoke tier (papermill), and reports numbers we assert.
+
+Executed copies and their JSON results go to a temporary folder; trained smoke models are shared
+between the notebooks through one temporary RUN_DIR, as a learner's runs/ folder would be.
+The committed notebooks must carry no outputs and no widget state, and must be what
+`notebooks/build_notebooks.py` writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NB_DIR = ROOT / "notebooks"
+NOTEBOOKS = sorted(NB_DIR.glob("0*.ipynb"))
+THREAD_ENV = {
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+}
+
+
+def test_there_are_seven_lessons():
+    assert [p.name[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04", "05", "06", "07"]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_committed_without_outputs_or_widget_state(path):
+    nb = nbformat.read(path, as_version=4)
+    assert "widgets" not in nb.metadata, "widget state is saved in the notebook metadata: clear it"
+    assert nb.metadata["kernelspec"]["name"] == "python3" and nb.metadata["language_info"]["name"] == "python"
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None, f"{path.name}: a code cell has outputs"
+    tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1 and nb.cells.index(tagged[0]) == 1, "the parameters cell comes right after the title"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebooks_are_generated(path):
+    """The committed file is exactly what the generator writes (edit build_notebooks.py, not the .ipynb)."""
+    sys.path.insert(0, str(NB_DIR))
+    try:
+        import build_notebooks
+    finally:
+        sys.path.pop(0)
+    assert nbformat.writes(build_notebooks.build(path.stem)).rstrip("\n") == path.read_text().rstrip("\n"), (
+        f"{path.name} differs from the generator: run python notebooks/build_notebooks.py"
+    )
+
+
+def parameter_names(path: Path) -> set[str]:
+    import papermill
+
+    return set(papermill.inspect_notebook(str(path)))
+
+
+def run_notebook(path: Path, out_dir: Path, **parameters) -> dict:
+    """Execute `path` with papermill (smoke tier); return the JSON results it wrote."""
+    import papermill
+
+    known = parameter_names(path)
+    unknown = set(parameters) - known
+    if unknown:  # papermill itself only warns
+        raise ValueError(f"{path.name} has no parameter(s) {sorted(unknown)}; it has {sorted(known)}")
+    results = out_dir / f"{path.stem}.json"
+    papermill.execute_notebook(
+        str(path),
+        str(out_dir / path.name),
+        parameters={**parameters, "RESULTS_PATH": str(results)},
+        kernel_name="python3",
+        cwd=str(NB_DIR),
+        progress_bar=False,
+    )
+    return json.loads(results.read_text())
+
+
+def test_unknown_parameter_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="NO_SUCH_PARAMETER"):
+        run_notebook(NOTEBOOKS[0], tmp_path, TIER="smoke", NO_SUCH_PARAMETER=1)
+
+
+@pytest.fixture(scope="module")
+def smoke_runs(tmp_path_factory):
+    """All notebooks executed once in the smoke tier, in order; {stem: results}."""
+    for key, value in THREAD_ENV.items():
+        os.environ[key] = value  # the kernel inherits these: one thread each on a shared CI machine
+    out = tmp_path_factory.mktemp("notebooks")
+    results = {}
+    for path in NOTEBOOKS:
+        params = {"TIER": "smoke", "THREADS": 1}
+        if "RUN_DIR" in parameter_names(path):
+            params["RUN_DIR"] = str(out / "runs")
+        results[path.stem] = run_notebook(path, out, **params)
+    return results
+
+
+def test_01_gist_masks(smoke_runs):
+    r = smoke_runs["01_gist_masks"]
+    assert r["tier"] == "smoke" and r["naive_equals_library"] is True
+    assert r["mask_shape"][:2] == [1, 1] and r["mask_shape"][2] == r["mask_shape"][3]
+    assert r["pad_keys_seen_left"] == r["pad_keys_seen_right"] == 0
+    assert r["hidden_mass_additive"] == 0.0 and r["hidden_mass_boolean"] > 0.01
+    assert r["future_mass_boolean"] > 0.01
+    assert r["negative_control_logit_change"]["additive"] == 0.0
+    assert r["negative_control_logit_change"]["boolean"] > 0
+
+
+def test_02_gisting(smoke_runs):
+    r = smoke_runs["02_gisting"]
+    assert r["caching_max_abs_diff"] < 1e-4
+    n, B, H, k, hd = r["prefix_shape"]
+    assert B == 1 and k == 2
+    assert set(r["accuracy"]) == {"zero_shot", "icl", "gisting k=1", "gisting k=2"}
+    assert all(0.0 <= a <= 1.0 for a in r["accuracy"].values())
+    for first, last in r["gisting_loss_first_last"].values():
+        assert math.isfinite(first) and math.isfinite(last) and last < first  # the loss fell
+
+
+def test_03_attention_maps(smoke_runs):
+    r = smoke_runs["03_attention_maps"]
+    layers, B, heads, L, L2 = r["attention_shape"]
+    assert B == 1 and L == L2 and layers == 2 and heads == 2
+    assert r["hidden_attention_max"] == 0.0
+    assert 0.0 < r["gist_attention_mean"] <= 1.0
+    assert 0.0 < r["icl_attention_on_demos_mean"] < 1.0
+
+
+def test_04_training_hyperllama(smoke_runs):
+    r = smoke_runs["04_training_hyperllama"]
+    assert r["base_frozen"] is True and r["trainable_moved"] > 0
+    assert r["trainable_parameters"] < r["total_parameters"]
+    assert r["loss_end"] < r["loss_start"]  # the loss fell
+    assert len(r["validation"]) == 3  # 30 steps, validated every 10
+    assert set(r["accuracy"]) == {"zero_shot", "icl", "hyperllama"}
+
+
+def test_05_inspecting_prefixes(smoke_runs):
+    r = smoke_runs["05_inspecting_prefixes"]
+    n, B, H, k, hd = r["prefix_shape"]
+    assert (n, H, k) == (2, 1, 2) and B == 3 * 2 * 3  # 3 levels x 2 tasks x 3 demo sets
+    assert len(r["key_norm_per_layer"]) == n and all(v > 0 for v in r["key_norm_per_layer"])
+    assert r["projection_shape"] == [B, 2]
+    assert -1.0 <= r["similarity_other_task"] <= 1.0 and -1.0 <= r["similarity_same_task"] <= 1.0
+    assert r["change_all_demos"] == 0.0 and r["change_no_demos"] > 0
+    assert r["playground_rows"] == 2
+
+
+def test_06_prefix_initialisation(smoke_runs):
+    r = smoke_runs["06_prefix_initialisation"]
+    assert set(r["ladder"]) == {"random", "vocab", "hyperllama"}
+    for per in r["ladder"].values():
+        assert list(per) == ["0", "2", "4"] and all(0.0 <= a <= 1.0 for a in per.values())
+    assert r["hyperllama_better_start"] in (True, False, None)
+
+
+def test_07_llama2_4bit(smoke_runs):
+    r = smoke_runs["07_llama2_4bit"]
+    assert r["linear4bit_layers"] == 2 * 7 and r["quant_type"] == "nf4"
+    assert r["base_frozen"] is True and math.isfinite(r["final_loss"]) and r["steps"] >= 1
+    assert 5 < r["llama2_7b_nf4_estimate_gib"] < 24
+    assert 0.0 <= r["eval_mean"] <= 100.0
