@@ -231,11 +231,13 @@ def main(argv=None) -> dict:
     }
     print(
         f"target {verdict(ratio <= 1.5):6s}  hyper / full = {ratio:.2f} "
-        f"(/ full-hf = {times['sdpa']['hyper'] / times['sdpa']['full-hf']:.2f}; by FLOPs {flops['hyper'] / flops['full']:.2f})"
+        f"(/ full-hf = {times['sdpa']['hyper'] / times['sdpa']['full-hf']:.2f}; "
+        f"by FLOPs {flops['hyper'] / flops['full']:.2f})"
     )
     ok = targets[f"mask building < 2% of a step at B={B}, L={L}"]
     print(
-        f"target {verdict(ok):6s}  mask share: hyper {mask_rows[0]['share_pct']:.2f}%, full {mask_rows[1]['share_pct']:.2f}%"
+        f"target {verdict(ok):6s}  mask share: hyper {mask_rows[0]['share_pct']:.2f}%, "
+        f"full {mask_rows[1]['share_pct']:.2f}%"
     )
     write_json(
         "training",

@@ -24,9 +24,15 @@ import nbformat
 HERE = Path(__file__).resolve().parent
 
 KERNELSPEC = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
-LANGUAGE_INFO = {"name": "python", "version": "3.11", "mimetype": "text/x-python", "file_extension": ".py",
-                 "codemirror_mode": {"name": "ipython", "version": 3}, "pygments_lexer": "ipython3",
-                 "nbconvert_exporter": "python"}
+LANGUAGE_INFO = {
+    "name": "python",
+    "version": "3.11",
+    "mimetype": "text/x-python",
+    "file_extension": ".py",
+    "codemirror_mode": {"name": "ipython", "version": 3},
+    "pygments_lexer": "ipython3",
+    "nbconvert_exporter": "python",
+}
 
 
 def _src(text: str) -> str:

@@ -249,4 +249,6 @@ def test_symbol_episode_renders_from_real_data():
     ep = symbol_episode(trec, 1, 1, random.Random(0))
     tok = build_tokenizer([e.input for e in trec.examples[:50]], num_gist_tokens=2, vocab_size=300)
     ids, labels = render_icl(ep, ep.queries[0], tok, VERBOSE, 512)
-    assert tok.decode([i for i, l in zip(ids, labels) if l != -100], skip_special_tokens=True) == ep.queries[0].output
+    assert (
+        tok.decode([i for i, lab in zip(ids, labels) if lab != -100], skip_special_tokens=True) == ep.queries[0].output
+    )

@@ -107,7 +107,7 @@ def test_compact_format_with_word_tokenizer(word):
     ids, labels = render_icl(ep, ep.queries[0], word, COMPACT, 32)
     toks = word.convert_ids_to_tokens(ids)
     assert toks == ["<s>", "cat", "positive", ";", "dog", "negative", ";", "mat", "->", "positive", "</s>"]
-    assert [t for t, l in zip(toks, labels) if l != IGNORE] == ["positive", "</s>"]
+    assert [t for t, lab in zip(toks, labels) if lab != IGNORE] == ["positive", "</s>"]
 
 
 def test_budget_drops_whole_demos_in_order(bpe):
@@ -164,10 +164,10 @@ def test_collate_right_and_left(bpe):
     assert r["input_ids"].tolist() == [[1, 5, 6], [1, 7, 0]]
     assert r["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
     assert r["labels"].tolist() == [[IGNORE, 5, 6], [IGNORE, 7, IGNORE]]
-    l = collate(rows, pad_id=0, padding_side="left")
-    assert l["input_ids"].tolist() == [[1, 5, 6], [0, 1, 7]]
-    assert l["attention_mask"].tolist() == [[1, 1, 1], [0, 1, 1]]
-    assert l["labels"].tolist() == [[IGNORE, 5, 6], [IGNORE, IGNORE, 7]]
+    left = collate(rows, pad_id=0, padding_side="left")
+    assert left["input_ids"].tolist() == [[1, 5, 6], [0, 1, 7]]
+    assert left["attention_mask"].tolist() == [[1, 1, 1], [0, 1, 1]]
+    assert left["labels"].tolist() == [[IGNORE, 5, 6], [IGNORE, IGNORE, 7]]
     plain = collate([[1, 2], [3]], pad_id=9)
     assert plain["labels"].tolist() == [[1, 2], [3, IGNORE]] and plain["input_ids"].dtype == torch.long
     with pytest.raises(ValueError):

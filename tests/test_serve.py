@@ -71,7 +71,7 @@ def served(request):
 def test_batched_prefixes_equal_one_at_a_time(served):
     store, *_ = served
     batched = store.get(NAMES)
-    for i, (name, ids) in enumerate(zip(NAMES, hyper_inputs())):
+    for i, ids in enumerate(hyper_inputs()):
         single = store.make_prefix(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))
         torch.testing.assert_close(batched.rows([i]).keys, single.keys, atol=TOL, rtol=0)
         torch.testing.assert_close(batched.rows([i]).values, single.values, atol=TOL, rtol=0)
