@@ -28,16 +28,21 @@ from gistlib.data import (
     render_hyper_input,
     render_icl,
 )
+from gistlib.data.render import definition_ids, demo_ids, encode
 
 __all__ = ["icl_batches", "gisting_batches", "hyper_batches", "hyper_episode_batches", "hyperpretrain_batches"]
 
 
-def _episodes(tasks, seed, num_queries, repeat_demo_prob, num_demos=None):
-    return iter(
-        EpisodeSampler(
-            tasks, num_demos=num_demos, num_queries=num_queries, seed=seed, repeat_demo_prob=repeat_demo_prob
-        )
+def _episodes(tasks, seed, num_queries, repeat_demo_prob, num_demos=None, balanced=False):
+    sampler = EpisodeSampler(
+        tasks,
+        num_demos=num_demos,
+        num_queries=num_queries,
+        seed=seed,
+        repeat_demo_prob=repeat_demo_prob,
+        balanced=balanced,
     )
+    return iter(sampler)
 
 
 def _single_sequence_batches(episodes: Iterator[Episode], render, pad_id: int, batch_size: int):
@@ -50,6 +55,29 @@ def _single_sequence_batches(episodes: Iterator[Episode], render, pad_id: int, b
         yield collate(rows, pad_id)
 
 
+def render_icl_dense(episode: Episode, query, tokenizer, fmt: RenderFormat, max_tokens: int):
+    """`render_icl`, plus labels on every demo's output tokens (dense in-context supervision).
+
+    Each demo's answer is predictable from earlier demos of the same category, so a sequence of n demos
+    teaches in-context learning n times instead of once. Demos whose output cannot be located as a
+    token suffix (a BPE merge across the boundary) keep no labels.
+    """
+    ids, labels = render_icl(episode, query, tokenizer, fmt, max_tokens)
+    labels = list(labels)
+    suffix = len(encode(tokenizer, fmt.demo_suffix))
+    pos = 1 + len(definition_ids(episode.definition, tokenizer, fmt))  # after BOS and definition
+    for d in episode.demos:
+        full = demo_ids(d, tokenizer, fmt)
+        if ids[pos : pos + len(full)] != full:
+            break  # demos dropped by the budget: the rest of the sequence is the query
+        head = encode(tokenizer, fmt.demo_input_prefix + d.input + fmt.demo_output_prefix)
+        if full[: len(head)] == head:
+            for i in range(pos + len(head), pos + len(full) - suffix):
+                labels[i] = ids[i]
+        pos += len(full)
+    return ids, labels
+
+
 def icl_batches(
     tasks: Sequence[Task],
     tokenizer,
@@ -59,12 +87,17 @@ def icl_batches(
     max_tokens: int = 256,
     repeat_demo_prob: float = 0.0,
     num_demos: int | None = None,
+    balanced: bool = False,
+    label_demos: bool = False,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """`input_ids`, `attention_mask`, `labels` (B, L): one query per episode, demos in context.
 
-    num_demos=None takes each task's `meta["num_demos"]` (the pocket suite's levels)."""
-    episodes = _episodes(tasks, seed, 1, repeat_demo_prob, num_demos)
-    render = lambda ep, q: render_icl(ep, q, tokenizer, fmt, max_tokens)
+    num_demos=None takes each task's `meta["num_demos"]` (the pocket suite's levels); balanced draws
+    demos round-robin over the outputs (e.g. 2 per category); label_demos also puts the loss on every
+    demo's output (`render_icl_dense`)."""
+    episodes = _episodes(tasks, seed, 1, repeat_demo_prob, num_demos, balanced)
+    renderer = render_icl_dense if label_demos else render_icl
+    render = lambda ep, q: renderer(ep, q, tokenizer, fmt, max_tokens)
     return _single_sequence_batches(episodes, render, tokenizer.pad_token_id, batch_size)
 
 
@@ -78,9 +111,10 @@ def gisting_batches(
     max_tokens: int = 256,
     repeat_demo_prob: float = 0.0,
     num_demos: int | None = None,
+    balanced: bool = False,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Single-sequence gisting rows (B, L), labels on the answer."""
-    episodes = _episodes(tasks, seed, 1, repeat_demo_prob, num_demos)
+    episodes = _episodes(tasks, seed, 1, repeat_demo_prob, num_demos, balanced)
     render = lambda ep, q: render_gisting(ep, q, tokenizer, gist_ids, fmt, max_tokens)
     return _single_sequence_batches(episodes, render, tokenizer.pad_token_id, batch_size)
 
@@ -126,9 +160,10 @@ def hyper_batches(
     max_tokens: int = 64,
     repeat_demo_prob: float = 0.0,
     num_demos: int | None = None,
+    balanced: bool = False,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """HyperLlama multi-task batches: episodes sampled from `tasks` (see `hyper_episode_batches`)."""
-    episodes = _episodes(tasks, seed, queries_per_task, repeat_demo_prob, num_demos)
+    episodes = _episodes(tasks, seed, queries_per_task, repeat_demo_prob, num_demos, balanced)
     return hyper_episode_batches(episodes, tokenizer, gist_ids, tasks_per_batch, fmt, max_hyper_tokens, max_tokens)
 
 

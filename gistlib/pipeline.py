@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -67,6 +67,8 @@ class PocketConfig:
     out_dir: str = "results/pocket"
     cache_dir: str = "runs/pocket"
     families: tuple[str, ...] = ("classify",)  # task families trained and evaluated
+    levels: tuple[str, ...] = ()  # task levels kept (e.g. ("C4",)); empty: all levels of those families
+    base_levels: tuple[str, ...] = ()  # levels the base is pretrained on; empty: `levels`
     # the base: a tiny Llama, pretrained here (or shipped in data/pocket_base, rebuilt by `gistlib course`)
     base_dir: str = str(ROOT / "data" / "pocket_base")
     hidden: int = 128
@@ -78,6 +80,9 @@ class PocketConfig:
     base_lr: float = 2e-3
     base_batch: int = 128
     repeat_demo_prob: float = 0.5  # curriculum: a training query repeats a demo word (never at evaluation)
+    balanced_demos: bool = True  # demos drawn round-robin over the outputs (2 per category), also at evaluation
+    base_final_lr: float = 0.1  # the base's lr decays linearly to this fraction of base_lr
+    base_label_demos: bool = True  # loss on every demo's output too (dense ICL supervision)
     # HyperLlama
     num_gist_tokens: int = 8
     gist_sweep: tuple[int, ...] = ()  # extra k values (seed 0) for the compression trade-off
@@ -90,8 +95,9 @@ class PocketConfig:
     tasks_per_batch: int = 32
     queries_per_task: int = 4
     # Gisting
-    gisting_steps: int = 1000
+    gisting_steps: int = 600
     gisting_lr: float = 1e-3
+    gisting_batch: int = 64
     # early stopping on validation tasks (never on test)
     eval_every: int = 250
     patience: int = 0  # 0: never stop early, only keep the best weights (training plateaus, then jumps)
@@ -141,6 +147,7 @@ TIERS: dict[str, dict] = {
         mlp=64,
         base_steps=6,
         base_batch=16,
+        gisting_batch=16,
         num_gist_tokens=2,
         gist_sweep=(1,),
         seeds=(0, 1),
@@ -174,12 +181,14 @@ def tier_config(tier: str = "pocket", **overrides) -> PocketConfig:
 
 
 def select(tasks: list[Task], cfg: PocketConfig) -> list[Task]:
-    return [t for t in tasks if t.family in cfg.families]
+    """The tasks of the configured families (and levels, if any are named)."""
+    return [t for t in tasks if t.family in cfg.families and (not cfg.levels or t.meta.get("level") in cfg.levels)]
 
 
-def fixed_episodes(tasks: list[Task], n: int, queries: int, seed: int):
+def fixed_episodes(tasks: list[Task], n: int, queries: int, seed: int, balanced: bool = True):
     """A fixed, seeded list of episodes (each task's own number of demos; no query repeats a demo)."""
-    return EpisodeSampler(tasks, num_demos=None, num_queries=queries, seed=seed, num_episodes=n).take(n)
+    sampler = EpisodeSampler(tasks, num_demos=None, num_queries=queries, seed=seed, num_episodes=n, balanced=balanced)
+    return sampler.take(n)
 
 
 # --- the base -----------------------------------------------------------------------------------
@@ -205,12 +214,13 @@ def _icl_score(model, episodes, tok) -> float:
 def train_base(cfg: PocketConfig, suite, tok, out_dir: Path):
     """Pretrain the base from scratch as an in-context learner; early-stop on validation ICL accuracy."""
     model = _new_base(cfg, tok)
+    base_cfg = replace(cfg, levels=cfg.base_levels or cfg.levels)
     val = fixed_episodes(select(suite["validation"], cfg), cfg.val_episodes, 2, seed=1)
     tcfg = TrainConfig(
         steps=cfg.base_steps,
         lr=cfg.base_lr,
         warmup_steps=min(100, cfg.base_steps // 10),
-        final_lr_fraction=0.1,
+        final_lr_fraction=cfg.base_final_lr,
         eval_every=cfg.eval_every,
         patience=cfg.patience,
         out_dir=str(out_dir / "run"),
@@ -220,7 +230,14 @@ def train_base(cfg: PocketConfig, suite, tok, out_dir: Path):
     trainee = LMTrainee(model)
     records = train(
         trainee,
-        icl_batches(select(suite["train"], cfg), tok, cfg.base_batch, repeat_demo_prob=cfg.repeat_demo_prob),
+        icl_batches(
+            select(suite["train"], base_cfg),
+            tok,
+            cfg.base_batch,
+            repeat_demo_prob=cfg.repeat_demo_prob,
+            balanced=cfg.balanced_demos,
+            label_demos=cfg.base_label_demos,
+        ),
         tcfg,
         evaluate=lambda m, step: _icl_score(m.model, val, tok),
     )
@@ -309,6 +326,7 @@ def train_hyper(cfg: PocketConfig, suite, tok, base_dir: Path, k: int, seed: int
             cfg.queries_per_task,
             seed=seed,
             repeat_demo_prob=cfg.repeat_demo_prob,
+            balanced=cfg.balanced_demos,
         ),
         main,
         evaluate=val_score,
@@ -349,7 +367,14 @@ def train_gisting(cfg: PocketConfig, suite, tok, base_dir: Path, k: int):
     )
     records = train(
         trainee,
-        gisting_batches(select(suite["train"], cfg), tok, gist, cfg.base_batch, repeat_demo_prob=cfg.repeat_demo_prob),
+        gisting_batches(
+            select(suite["train"], cfg),
+            tok,
+            gist,
+            cfg.gisting_batch,
+            repeat_demo_prob=cfg.repeat_demo_prob,
+            balanced=cfg.balanced_demos,
+        ),
         tcfg,
         evaluate=val_score,
     )
