@@ -78,6 +78,18 @@ def render_icl_dense(episode: Episode, query, tokenizer, fmt: RenderFormat, max_
     return ids, labels
 
 
+def _with_copied_demos(episodes: Iterator[Episode], prob: float, seed: int) -> Iterator[Episode]:
+    """With probability `prob`, replace an episode's n demos by n//2 of them, each twice, shuffled."""
+    rng = random.Random(f"copied-demos-{seed}")
+    for ep in episodes:
+        if len(ep.demos) >= 2 and rng.random() < prob:
+            half = ep.demos[: len(ep.demos) // 2]
+            demos = half + half
+            rng.shuffle(demos)
+            ep = Episode(ep.task, demos, ep.queries, ep.definition)
+        yield ep
+
+
 def icl_batches(
     tasks: Sequence[Task],
     tokenizer,
@@ -89,13 +101,17 @@ def icl_batches(
     num_demos: int | None = None,
     balanced: bool = False,
     label_demos: bool = False,
+    copy_demos_prob: float = 0.0,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """`input_ids`, `attention_mask`, `labels` (B, L): one query per episode, demos in context.
 
     num_demos=None takes each task's `meta["num_demos"]` (the pocket suite's levels); balanced draws
     demos round-robin over the outputs (e.g. 2 per category); label_demos also puts the loss on every
-    demo's output (`render_icl_dense`)."""
+    demo's output (`render_icl_dense`); copy_demos_prob is the chance that an episode's demos are
+    half of them, each shown twice (exact repeats: with dense labels, a strong copying signal early on)."""
     episodes = _episodes(tasks, seed, 1, repeat_demo_prob, num_demos, balanced)
+    if copy_demos_prob > 0:
+        episodes = _with_copied_demos(episodes, copy_demos_prob, seed)
     renderer = render_icl_dense if label_demos else render_icl
     render = lambda ep, q: renderer(ep, q, tokenizer, fmt, max_tokens)
     return _single_sequence_batches(episodes, render, tokenizer.pad_token_id, batch_size)

@@ -83,6 +83,7 @@ class PocketConfig:
     balanced_demos: bool = True  # demos drawn round-robin over the outputs (2 per category), also at evaluation
     base_final_lr: float = 0.1  # the base's lr decays linearly to this fraction of base_lr
     base_label_demos: bool = True  # loss on every demo's output too (dense ICL supervision)
+    base_copy_demos: float = 0.0  # chance an episode's demos are half of them, each twice (exact repeats)
     # HyperLlama
     num_gist_tokens: int = 8
     gist_sweep: tuple[int, ...] = ()  # extra k values (seed 0) for the compression trade-off
@@ -237,6 +238,7 @@ def train_base(cfg: PocketConfig, suite, tok, out_dir: Path):
             repeat_demo_prob=cfg.repeat_demo_prob,
             balanced=cfg.balanced_demos,
             label_demos=cfg.base_label_demos,
+            copy_demos_prob=cfg.base_copy_demos,
         ),
         tcfg,
         evaluate=lambda m, step: _icl_score(m.model, val, tok),
