@@ -84,6 +84,7 @@ class PocketConfig:
     base_final_lr: float = 0.1  # the base's lr decays linearly to this fraction of base_lr
     base_label_demos: bool = True  # loss on every demo's output too (dense ICL supervision)
     base_copy_demos: float = 0.0  # chance an episode's demos are half of them, each twice (exact repeats)
+    base_max_minutes: float = 0.0  # wall-clock budget of base pretraining (0: none); the best checkpoint is kept
     # HyperLlama
     num_gist_tokens: int = 8
     gist_sweep: tuple[int, ...] = ()  # extra k values (seed 0) for the compression trade-off
@@ -227,6 +228,8 @@ def train_base(cfg: PocketConfig, suite, tok, out_dir: Path):
         out_dir=str(out_dir / "run"),
         progress=cfg.progress,
         log_every=50,
+        save_every=cfg.eval_every,
+        max_seconds=60 * cfg.base_max_minutes,
     )
     trainee = LMTrainee(model)
     records = train(

@@ -66,6 +66,7 @@ class TrainConfig:
     patience: int = 0  # early stopping after this many evaluations without improvement (0: never stop)
     out_dir: str = "runs/hyper"
     progress: bool = True
+    max_seconds: float = 0.0  # wall-clock budget: stop (with a checkpoint) once exceeded; 0: none
 
     def __post_init__(self):
         checks = {
@@ -269,6 +270,7 @@ def train(
     hyper.train()
     bar = tqdm(total=config.steps, initial=start, disable=not (main and config.progress), desc="train")
     t_last, tokens = time.perf_counter(), 0
+    t_start = t_last
     step = start
     for step in range(start, config.steps):
         optimizer.zero_grad(set_to_none=True)
@@ -316,6 +318,7 @@ def train(
         if main:
             _append_metric(metrics_path, record)
         interrupted = stop_after is not None and done >= stop_after
+        interrupted = interrupted or bool(config.max_seconds and time.perf_counter() - t_start > config.max_seconds)
         if main and (
             (config.save_every and done % config.save_every == 0) or done == config.steps or interrupted or stop
         ):

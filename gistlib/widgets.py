@@ -1,7 +1,7 @@
 """Thin ipywidgets wrappers over `gistlib.viz`, and the playground.
 
-Every widget here is `ipywidgets.interact` over a plain function that a notebook (and a test) calls
-once first: an exception inside a widget callback only prints, it does not fail papermill.
+Every widget here is a set of controls over a plain function that a notebook (and a test) calls once
+first: an exception inside a widget callback only prints, it does not fail papermill.
 
     mask_widget(ids, gist_ids, labels)          pick gist / causal / positive / negative control
     attention_widget(attn, labels)              pick layer and head
@@ -12,6 +12,7 @@ once first: an exception inside a widget callback only prints, it does not fail 
 
 from __future__ import annotations
 
+import html
 from collections.abc import Sequence
 
 import torch
@@ -50,10 +51,43 @@ def mask_for(kind: str, input_ids: torch.Tensor, gist_ids: Sequence[int], pad_to
     raise ValueError(f"unknown mask {kind!r}: choose one of {MASKS}")
 
 
-def _interact(fn, **controls):
-    import ipywidgets
+def _figure_png(fig) -> bytes:
+    import io
 
-    return ipywidgets.interact(fn, **controls)
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _interact(fn, **controls):
+    """Controls (as `ipywidgets.interact` abbreviations) over `fn(**values) -> Figure`, shown as a PNG.
+
+    Not `interact` itself: its Output widget captures the figure with `clear_output`, a message pattern
+    that can leave papermill/nbclient waiting forever (nbclient#312, papermill#723). An Image widget
+    whose value is replaced needs no output capture at all.
+    """
+    import ipywidgets
+    from IPython.display import display
+
+    widgets = {}
+    for name, abbrev in controls.items():
+        widget = ipywidgets.interactive.widget_from_abbrev(abbrev)
+        widget.description = name
+        widgets[name] = widget
+    image = ipywidgets.Image(format="png")
+
+    def refresh(_=None):
+        image.value = _figure_png(fn(**{name: w.value for name, w in widgets.items()}))
+
+    for w in widgets.values():
+        w.observe(refresh, names="value")
+    refresh()
+    box = ipywidgets.VBox([*widgets.values(), image])
+    display(box)
+    return box
 
 
 def mask_widget(
@@ -208,15 +242,14 @@ def playground_widget(hyper, tokenizer, demos: str = "", queries: str = "", fmt:
     demo_box = ipywidgets.Textarea(value=demos, description="demos", layout=ipywidgets.Layout(height="140px"))
     query_box = ipywidgets.Text(value=queries, description="queries")
     button = ipywidgets.Button(description="ask")
-    out = ipywidgets.Output()
+    out = ipywidgets.HTML()  # not an Output widget: see `_interact`
 
     def run(_=None):
-        out.clear_output()
-        with out:
-            try:
-                print(format_playground(playground(hyper, tokenizer, demo_box.value, query_box.value, fmt)))
-            except ValueError as e:  # the learner's typing, not a bug: say what is wrong
-                print(f"error: {e}")
+        try:
+            text = format_playground(playground(hyper, tokenizer, demo_box.value, query_box.value, fmt))
+        except ValueError as e:  # the learner's typing, not a bug: say what is wrong
+            text = f"error: {e}"
+        out.value = "<pre>" + html.escape(text) + "</pre>"
 
     button.on_click(run)
     box = ipywidgets.VBox([demo_box, query_box, button, out])

@@ -81,6 +81,7 @@ def run_notebook(path: Path, out_dir: Path, **parameters) -> dict:
         kernel_name="python3",
         cwd=str(NB_DIR),
         progress_bar=False,
+        execution_timeout=600,  # a cell that hangs fails the test instead of the whole CI run
     )
     return json.loads(results.read_text())
 
