@@ -227,3 +227,15 @@ def test_four_bit_base_stays_frozen_and_trains(tmp_path):
     assert all(torch.equal(quant_before[n], b) for n, b in hyper.base.named_buffers())
     weights = [n for n in before if "q_proj.base_layer.weight" in n]
     assert weights and before[weights[0]].dtype == torch.uint8  # packed 4-bit
+    # save the trained hypernetwork and rebuild it over a freshly loaded 4-bit base: same prefixes
+    hyper.eval()
+    hyper.save_pretrained(tmp_path / "hyper")
+    again = HyperLlama.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=qcfg, dtype=torch.float32),
+        tmp_path / "hyper",
+    ).eval()
+    h_ids, h_am, *_ = toy_batch()
+    with torch.no_grad():
+        a, b = hyper.make_prefix(h_ids, h_am), again.make_prefix(h_ids, h_am)
+    torch.testing.assert_close(a.keys, b.keys, atol=1e-5, rtol=0)
+    torch.testing.assert_close(a.values, b.values, atol=1e-5, rtol=0)
