@@ -68,23 +68,24 @@ class PocketConfig:
     cache_dir: str = "runs/pocket"
     families: tuple[str, ...] = ("classify",)  # task families trained and evaluated
     levels: tuple[str, ...] = ()  # task levels kept (e.g. ("C4",)); empty: all levels of those families
-    base_levels: tuple[str, ...] = ()  # levels the base is pretrained on; empty: `levels`
+    base_levels: tuple[str, ...] = ("C4",)  # levels the base is pretrained on; empty: `levels`
     # the base: a tiny Llama, pretrained here (or shipped in data/pocket_base, rebuilt by `gistlib course`)
     base_dir: str = str(ROOT / "data" / "pocket_base")
     hidden: int = 128
     layers: int = 4
     heads: int = 4
-    kv_heads: int = 2
+    kv_heads: int = 4
     mlp: int = 512
-    base_steps: int = 3000
-    base_lr: float = 2e-3
+    base_steps: int = 30000  # an upper bound: `base_max_minutes` ends it first
+    base_lr: float = 3e-3
     base_batch: int = 128
     repeat_demo_prob: float = 0.5  # curriculum: a training query repeats a demo word (never at evaluation)
     balanced_demos: bool = True  # demos drawn round-robin over the outputs (2 per category), also at evaluation
-    base_final_lr: float = 0.1  # the base's lr decays linearly to this fraction of base_lr
+    base_final_lr: float = 1.0  # the base's lr decays linearly to this fraction of base_lr (1.0: flat)
     base_label_demos: bool = True  # loss on every demo's output too (dense ICL supervision)
     base_copy_demos: float = 0.0  # chance an episode's demos are half of them, each twice (exact repeats)
-    base_max_minutes: float = 0.0  # wall-clock budget of base pretraining (0: none); the best checkpoint is kept
+    base_max_minutes: float = 55.0  # wall-clock budget of base pretraining (0: none); the best checkpoint is kept
+    base_eval_every: int = 500
     # HyperLlama
     num_gist_tokens: int = 8
     gist_sweep: tuple[int, ...] = ()  # extra k values (seed 0) for the compression trade-off
@@ -92,7 +93,7 @@ class PocketConfig:
     lora_rank: int = 8
     lora_alpha: int = 16
     hyperpretrain_steps: int = 200
-    hyper_steps: int = 2000
+    hyper_steps: int = 1500
     hyper_lr: float = 2e-3
     tasks_per_batch: int = 32
     queries_per_task: int = 4
@@ -148,6 +149,8 @@ TIERS: dict[str, dict] = {
         kv_heads=1,
         mlp=64,
         base_steps=6,
+        base_eval_every=2,
+        base_max_minutes=0.0,
         base_batch=16,
         gisting_batch=16,
         num_gist_tokens=2,
@@ -223,12 +226,12 @@ def train_base(cfg: PocketConfig, suite, tok, out_dir: Path):
         lr=cfg.base_lr,
         warmup_steps=min(100, cfg.base_steps // 10),
         final_lr_fraction=cfg.base_final_lr,
-        eval_every=cfg.eval_every,
+        eval_every=cfg.base_eval_every,
         patience=cfg.patience,
         out_dir=str(out_dir / "run"),
         progress=cfg.progress,
         log_every=50,
-        save_every=cfg.eval_every,
+        save_every=cfg.base_eval_every,
         max_seconds=60 * cfg.base_max_minutes,
     )
     trainee = LMTrainee(model)
