@@ -249,10 +249,7 @@ def train_base(cfg: PocketConfig, suite, tok, out_dir: Path):
         tcfg,
         evaluate=lambda m, step: _icl_score(m.model, val, tok),
     )
-    best = out_dir / "run" / "best" / "model"
-    if best.exists():
-        trainee.load_trainable(best)
-    model.save_pretrained(out_dir)
+    _keep_best(trainee, out_dir / "run", out_dir)
     shutil.rmtree(out_dir / "run", ignore_errors=True)  # optimizer states etc.: not needed once trained
     _write_json(out_dir / "train_log.json", records)
     return model.eval()
@@ -339,10 +336,7 @@ def train_hyper(cfg: PocketConfig, suite, tok, base_dir: Path, k: int, seed: int
         main,
         evaluate=val_score,
     )
-    best = run / "multitask" / "best" / "model"
-    if best.exists():
-        hyper.load_trainable(best)
-    hyper.save_pretrained(run / "final")
+    _keep_best(hyper, run / "multitask", run / "final")
     return hyper.eval(), records
 
 
@@ -386,11 +380,16 @@ def train_gisting(cfg: PocketConfig, suite, tok, base_dir: Path, k: int):
         tcfg,
         evaluate=val_score,
     )
-    best = run / "run" / "best" / "model"
+    _keep_best(trainee, run / "run", run / "final")
+    return model.eval(), records
+
+
+def _keep_best(trainee, run_dir: Path, final_dir: Path) -> None:
+    """Load the best-on-validation weights of a finished run (if it evaluated) and save them to `final_dir`."""
+    best = run_dir / "best" / "model"
     if best.exists():
         trainee.load_trainable(best)
-    trainee.save_pretrained(run / "final")
-    return model.eval(), records
+    trainee.save_pretrained(final_dir)
 
 
 def _write_json(path: Path, value) -> None:
