@@ -62,3 +62,20 @@ def test_bad_config_values_name_the_field():
         tier_config("smoke", hyper_stepz=3)
     with pytest.raises(ValueError, match="unknown tier"):
         tier_config("huge")
+
+
+def test_shipped_base_matches_the_pocket_config():
+    """`make main` loads data/pocket_base: its shape must be what PocketConfig and the tokenizer say."""
+    from pathlib import Path
+
+    from gistlib.data import pocket_tokenizer
+
+    cfg = tier_config("pocket")
+    path = Path(cfg.base_dir) / "config.json"
+    if not path.exists():
+        pytest.skip("no shipped pocket base (make main would pretrain one)")
+    c = json.loads(path.read_text())
+    assert (c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"]) == (cfg.hidden, cfg.layers, cfg.heads)
+    assert (c["num_key_value_heads"], c["intermediate_size"]) == (cfg.kv_heads, cfg.mlp)
+    assert c["vocab_size"] == len(pocket_tokenizer(16))
+    assert (Path(cfg.base_dir) / "model.safetensors").stat().st_size < 25 * 2**20
