@@ -31,6 +31,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from gistlib.attention import use_gistlib_attention
+from gistlib.config import check_fields
 from gistlib.masks import make_gist_mask
 from gistlib.prefix import (
     Prefix,
@@ -74,12 +75,7 @@ class HyperConfig:
             "gist_init": self.gist_init in ("random_tokens", "gist_tokens"),
             "target_modules": len(self.target_modules) > 0,
         }
-        for name, ok in checks.items():
-            if not ok:
-                raise ValueError(
-                    f"HyperConfig.{name} = {getattr(self, name)!r} is not allowed "
-                    f"(see the comment on `{name}` in gistlib/hyper.py)"
-                )
+        check_fields(self, checks)
 
 
 class PrefixHead(nn.Module):

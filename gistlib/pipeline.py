@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from gistlib.batches import gisting_batches, hyper_batches, hyperpretrain_batches, icl_batches
+from gistlib.config import check_fields
 from gistlib.data import COMPACT, EpisodeSampler, Task, load_pocket_corpus, load_pocket_suite, pocket_tokenizer
 from gistlib.data.render import render_hyper_input
 from gistlib.evaluate import (
@@ -126,9 +127,7 @@ class PocketConfig:
             "families": set(self.families) <= {"classify", "transform", "arith"} and len(self.families) > 0,
             "prefix_budgets": len(self.prefix_budgets) > 0 and min(self.prefix_budgets) >= 0,
         }
-        for name, ok in checks.items():
-            if not ok:
-                raise ValueError(f"PocketConfig.{name} = {getattr(self, name)!r} is not allowed")
+        check_fields(self, checks)
 
     @property
     def gist_counts(self) -> tuple[int, ...]:
@@ -309,18 +308,7 @@ def train_hyper(cfg: PocketConfig, suite, tok, base_dir: Path, k: int, seed: int
             with h.downstream_mode():
                 return evaluate(with_prefixes("hyperllama", h.base, prefixes, tok, FMT), val, tok, FMT).accuracy
 
-    main = TrainConfig(
-        steps=cfg.hyper_steps,
-        lr=cfg.hyper_lr,
-        warmup_steps=min(100, cfg.hyper_steps // 10),
-        final_lr_fraction=0.1,
-        eval_every=cfg.eval_every,
-        patience=cfg.patience,
-        out_dir=str(run / "multitask"),
-        progress=cfg.progress,
-        seed=seed,
-        log_every=25,
-    )
+    main = _stage_config(cfg, cfg.hyper_steps, cfg.hyper_lr, run / "multitask", seed, warmup_cap=100)
     records = train(
         hyper,
         hyper_batches(
@@ -356,17 +344,7 @@ def train_gisting(cfg: PocketConfig, suite, tok, base_dir: Path, k: int):
         prefixes = gist_prefixes(t.model, val, tok, gist, FMT)
         return evaluate(with_prefixes("gisting", t.model, prefixes, tok, FMT, bos=False), val, tok, FMT).accuracy
 
-    tcfg = TrainConfig(
-        steps=cfg.gisting_steps,
-        lr=cfg.gisting_lr,
-        warmup_steps=min(50, cfg.gisting_steps // 10),
-        final_lr_fraction=0.1,
-        eval_every=cfg.eval_every,
-        patience=cfg.patience,
-        out_dir=str(run / "run"),
-        progress=cfg.progress,
-        log_every=25,
-    )
+    tcfg = _stage_config(cfg, cfg.gisting_steps, cfg.gisting_lr, run / "run", seed=0, warmup_cap=50)
     records = train(
         trainee,
         gisting_batches(
@@ -382,6 +360,23 @@ def train_gisting(cfg: PocketConfig, suite, tok, base_dir: Path, k: int):
     )
     _keep_best(trainee, run / "run", run / "final")
     return model.eval(), records
+
+
+def _stage_config(cfg: PocketConfig, steps: int, lr: float, out_dir: Path, seed: int, warmup_cap: int) -> TrainConfig:
+    """A HyperLlama or Gisting stage: warmup (10%, at most `warmup_cap` steps), decay to 0.1 lr, validation every
+    `eval_every` steps keeping the best weights."""
+    return TrainConfig(
+        steps=steps,
+        lr=lr,
+        warmup_steps=min(warmup_cap, steps // 10),
+        final_lr_fraction=0.1,
+        eval_every=cfg.eval_every,
+        patience=cfg.patience,
+        out_dir=str(out_dir),
+        progress=cfg.progress,
+        seed=seed,
+        log_every=25,
+    )
 
 
 def _keep_best(trainee, run_dir: Path, final_dir: Path) -> None:

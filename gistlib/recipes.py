@@ -49,6 +49,7 @@ from pathlib import Path
 import torch
 
 from gistlib.batches import hyper_batches, hyper_episode_batches
+from gistlib.config import check_fields
 from gistlib.data import (
     VERBOSE,
     Episode,
@@ -171,12 +172,7 @@ class Recipe:
             "eval_queries": self.eval_queries >= 1,
             "eval_batch_size": self.eval_batch_size >= 1,
         }
-        for name, ok in checks.items():
-            if not ok:
-                raise ValueError(
-                    f"Recipe.{name} = {getattr(self, name)!r} is out of range "
-                    f"(see the comment on `{name}` in gistlib/recipes.py)"
-                )
+        check_fields(self, checks)
 
     @property
     def root(self) -> Path:

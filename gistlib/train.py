@@ -43,6 +43,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from gistlib.config import check_fields
+
 __all__ = ["TrainConfig", "train", "latest_checkpoint", "save_checkpoint", "load_checkpoint", "make_accelerator"]
 
 
@@ -83,12 +85,7 @@ class TrainConfig:
             "eval_every": self.eval_every >= 0,
             "patience": self.patience >= 0,
         }
-        for name, ok in checks.items():
-            if not ok:
-                raise ValueError(
-                    f"TrainConfig.{name} = {getattr(self, name)!r} is out of range "
-                    f"(see the comment on `{name}` in gistlib/train.py)"
-                )
+        check_fields(self, checks)
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
