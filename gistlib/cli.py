@@ -2,7 +2,10 @@
 
 tour     tiny model, gist mask, canonical prefix, exact-caching check (seconds)
 course   the pocket course end to end (base, HyperLlama, Gisting, evaluation, prefix ladder)
+base     pretrain the pocket base, the in-context learner everything else builds on (data/pocket_base)
 train    train one HyperLlama on the pocket suite from a JSON config (works under `accelerate launch`)
+recipe   a real-data recipe (p3 | sni | symbol) on a Llama checkpoint; `--tiny` runs it on a tiny 4-bit model
+memory   the memory planner's table for Llama-2 7B/13B on 8-24 GB cards
 """
 
 from __future__ import annotations
