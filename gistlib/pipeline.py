@@ -69,7 +69,7 @@ class PocketConfig:
     cache_dir: str = "runs/pocket"
     families: tuple[str, ...] = ("classify",)  # task families trained and evaluated
     levels: tuple[str, ...] = ()  # task levels kept (e.g. ("C4",)); empty: all levels of those families
-    base_levels: tuple[str, ...] = ("C4",)  # levels the base is pretrained on; empty: `levels`
+    base_levels: tuple[str, ...] = ("C2",)  # levels the base is pretrained on; empty: `levels`
     # the base: a tiny Llama, pretrained here (or shipped in data/pocket_base, rebuilt by `gistlib course`)
     base_dir: str = str(ROOT / "data" / "pocket_base")
     hidden: int = 128
