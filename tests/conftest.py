@@ -27,3 +27,12 @@ def tiny_models():
     from gistlib.models import build_tiny_llama
 
     return {impl: build_tiny_llama(vocab_size=VOCAB, attn_implementation=impl, seed=0) for impl in ("eager", "sdpa")}
+
+
+def small_pocket_model(tokenizer, seed: int, **sizes):
+    """A 2-layer Llama over a pocket tokenizer, init std 0.2 so random weights give varied scores."""
+    from gistlib.models import build_tiny_llama
+
+    settings = dict(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64)
+    settings.update(initializer_range=0.2, **sizes)
+    return build_tiny_llama(tokenizer=tokenizer, seed=seed, **settings)

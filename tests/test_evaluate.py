@@ -1,6 +1,7 @@
 """Evaluation: rank classification against a plain per-choice loop, gisting via gist caching, intervals."""
 
 import torch
+from conftest import small_pocket_model
 
 from gistlib.data import COMPACT, Episode, Example, answer_ids, pocket_tokenizer, render_icl_prompt
 from gistlib.evaluate import bootstrap_interval, evaluate, gist_prefixes, icl, with_prefixes, zero_shot
@@ -22,16 +23,7 @@ def episodes():
 
 
 def test_rank_classification_matches_a_plain_loop():
-    model = build_tiny_llama(
-        tokenizer=TOK,
-        hidden_size=32,
-        num_layers=2,
-        num_heads=2,
-        num_kv_heads=1,
-        intermediate_size=64,
-        initializer_range=0.2,
-        seed=3,
-    )
+    model = small_pocket_model(TOK, seed=3)
     eps = episodes()
     res = evaluate(icl(model, TOK, COMPACT), eps, TOK, COMPACT, batch_size=7)
     expected = []
@@ -53,16 +45,7 @@ def test_rank_classification_matches_a_plain_loop():
 
 
 def test_gisting_by_gist_caching_equals_the_single_sequence():
-    model = build_tiny_llama(
-        tokenizer=TOK,
-        hidden_size=32,
-        num_layers=2,
-        num_heads=2,
-        num_kv_heads=1,
-        intermediate_size=64,
-        initializer_range=0.2,
-        seed=4,
-    )
+    model = small_pocket_model(TOK, seed=4)
     gist = gist_token_ids(TOK)[:2]
     eps = episodes()
     prefixes = gist_prefixes(model, eps, TOK, gist, COMPACT)

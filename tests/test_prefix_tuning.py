@@ -1,9 +1,9 @@
 """Prefix tuning: one batched run equals separate runs; the three starts are what they claim."""
 
 import torch
+from conftest import small_pocket_model
 
 from gistlib.data import COMPACT, Episode, Example, pocket_tokenizer
-from gistlib.models import build_tiny_llama
 from gistlib.prefix import Prefix
 from gistlib.prefix_tuning import random_prefix, tune_prefixes, vocab_prefix
 
@@ -11,16 +11,7 @@ TOK = pocket_tokenizer(4)
 
 
 def model():
-    return build_tiny_llama(
-        tokenizer=TOK,
-        hidden_size=32,
-        num_layers=2,
-        num_heads=2,
-        num_kv_heads=1,
-        intermediate_size=64,
-        initializer_range=0.2,
-        seed=5,
-    )
+    return small_pocket_model(TOK, seed=5)
 
 
 def episodes():
