@@ -14,6 +14,7 @@ Results land in `out_dir`: summary.json, results.md and PNG plots (`gistlib.repo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
@@ -48,6 +49,7 @@ __all__ = [
     "tier_config",
     "run_pocket",
     "load_base",
+    "check_cache_base",
     "train_base",
     "train_hyper",
     "train_gisting",
@@ -69,7 +71,12 @@ class PocketConfig:
     cache_dir: str = "runs/pocket"
     families: tuple[str, ...] = ("classify",)  # task families trained and evaluated
     levels: tuple[str, ...] = ()  # task levels kept (e.g. ("C4",)); empty: all levels of those families
-    base_levels: tuple[str, ...] = ("C2",)  # levels the base is pretrained on; empty: `levels`
+    # the base is pretrained in two stages: in-context learning starts on the easiest level (stage 1), then
+    # spreads to harder ones (stage 2); from scratch on C4 it stayed on the "any symbol in context" plateau
+    base_warmup_levels: tuple[str, ...] = ("C2",)  # stage 1 levels
+    base_warmup_steps: int = 1500  # stage 1 steps (0: no stage 1)
+    base_levels: tuple[str, ...] = ("C2", "C4")  # stage 2 levels; empty: `levels`
+    base_init: str = ""  # a base checkpoint folder to start stage 2 from instead of stage 1
     # the base: a tiny Llama, pretrained here (or shipped in data/pocket_base, rebuilt by `gistlib course`)
     base_dir: str = str(ROOT / "data" / "pocket_base")
     hidden: int = 128
@@ -77,7 +84,7 @@ class PocketConfig:
     heads: int = 4
     kv_heads: int = 4
     mlp: int = 512
-    base_steps: int = 30000  # an upper bound: `base_max_minutes` ends it first
+    base_steps: int = 2000  # stage 2 steps (or `base_max_minutes`, whichever ends first)
     base_lr: float = 3e-3
     base_batch: int = 128
     repeat_demo_prob: float = 0.5  # curriculum: a training query repeats a demo word (never at evaluation)
@@ -85,7 +92,7 @@ class PocketConfig:
     base_final_lr: float = 1.0  # the base's lr decays linearly to this fraction of base_lr (1.0: flat)
     base_label_demos: bool = True  # loss on every demo's output too (dense ICL supervision)
     base_copy_demos: float = 0.0  # chance an episode's demos are half of them, each twice (exact repeats)
-    base_max_minutes: float = 55.0  # wall-clock budget of base pretraining (0: none); the best checkpoint is kept
+    base_max_minutes: float = 55.0  # wall-clock budget of stage 2 (0: none); the best checkpoint is kept
     base_eval_every: int = 500
     # HyperLlama
     num_gist_tokens: int = 8
@@ -148,6 +155,7 @@ TIERS: dict[str, dict] = {
         kv_heads=1,
         mlp=64,
         base_steps=6,
+        base_warmup_steps=2,
         base_eval_every=2,
         base_max_minutes=0.0,
         base_batch=16,
@@ -215,56 +223,89 @@ def _icl_score(model, episodes, tok) -> float:
     return evaluate(icl(model, tok, FMT), episodes, tok, FMT).accuracy
 
 
-def train_base(cfg: PocketConfig, suite, tok, out_dir: Path):
-    """Pretrain the base from scratch as an in-context learner; early-stop on validation ICL accuracy."""
-    model = _new_base(cfg, tok)
-    base_cfg = replace(cfg, levels=cfg.base_levels or cfg.levels)
+def _pretrain(model, cfg: PocketConfig, suite, tok, levels: tuple[str, ...], steps: int, minutes: float, run_dir: Path):
+    """One pretraining stage of the base on `levels`; loads its best-on-validation weights into `model`."""
     val = fixed_episodes(select(suite["validation"], cfg), cfg.val_episodes, 2, seed=1)
     tcfg = TrainConfig(
-        steps=cfg.base_steps,
+        steps=steps,
         lr=cfg.base_lr,
-        warmup_steps=min(100, cfg.base_steps // 10),
+        warmup_steps=min(100, steps // 10),
         final_lr_fraction=cfg.base_final_lr,
         eval_every=cfg.base_eval_every,
         patience=cfg.patience,
-        out_dir=str(out_dir / "run"),
+        out_dir=str(run_dir),
         progress=cfg.progress,
         log_every=50,
         save_every=cfg.base_eval_every,
-        max_seconds=60 * cfg.base_max_minutes,
+        max_seconds=60 * minutes,
     )
     trainee = LMTrainee(model)
-    records = train(
-        trainee,
-        icl_batches(
-            select(suite["train"], base_cfg),
-            tok,
-            cfg.base_batch,
-            repeat_demo_prob=cfg.repeat_demo_prob,
-            balanced=cfg.balanced_demos,
-            label_demos=cfg.base_label_demos,
-            copy_demos_prob=cfg.base_copy_demos,
-        ),
-        tcfg,
-        evaluate=lambda m, step: _icl_score(m.model, val, tok),
+    batches = icl_batches(
+        select(suite["train"], replace(cfg, levels=levels)),
+        tok,
+        cfg.base_batch,
+        repeat_demo_prob=cfg.repeat_demo_prob,
+        balanced=cfg.balanced_demos,
+        label_demos=cfg.base_label_demos,
+        copy_demos_prob=cfg.base_copy_demos,
     )
-    _keep_best(trainee, out_dir / "run", out_dir)
-    shutil.rmtree(out_dir / "run", ignore_errors=True)  # optimizer states etc.: not needed once trained
+    records = train(trainee, batches, tcfg, evaluate=lambda m, step: _icl_score(m.model, val, tok))
+    best = run_dir / "best" / "model"
+    if best.exists():
+        trainee.load_trainable(best)
+    shutil.rmtree(run_dir, ignore_errors=True)  # optimizer states etc.: not needed once trained
+    return records
+
+
+def train_base(cfg: PocketConfig, suite, tok, out_dir: Path):
+    """Pretrain the base as an in-context learner, in two stages: `base_warmup_steps` on the easiest levels (where
+    in-context learning starts), then the rest on `base_levels`; each stage keeps its best validation weights.
+    With `base_init`, stage 1 is replaced by that checkpoint. The log of both stages goes to train_log.json."""
+    records: list[dict] = []
+    if cfg.base_init:
+        model = _fresh_base(Path(cfg.base_init)).train()
+    else:
+        model = _new_base(cfg, tok)
+        if cfg.base_warmup_steps:
+            stage1 = _pretrain(
+                model, cfg, suite, tok, cfg.base_warmup_levels, cfg.base_warmup_steps, 0.0, out_dir / "stage1"
+            )
+            records += [{**r, "stage": 1} for r in stage1]
+    stage2 = _pretrain(
+        model, cfg, suite, tok, cfg.base_levels or cfg.levels, cfg.base_steps, cfg.base_max_minutes, out_dir / "run"
+    )
+    records += [{**r, "stage": 2} for r in stage2]
+    model.save_pretrained(out_dir)
     _write_json(out_dir / "train_log.json", records)
     return model.eval()
 
 
 def load_base(cfg: PocketConfig, suite, tok):
-    """The shipped/cached base if there is one, else train it (and cache it)."""
-    from transformers import LlamaForCausalLM
+    """The shipped/cached base if there is one, else train it (and cache it). Checks that the models cached in
+    `cache_dir` were trained over this base (`check_cache_base`)."""
+    candidates = ([Path(cfg.base_dir)] if cfg.base_dir else []) + [Path(cfg.cache_dir) / "base"]
+    d = next((c for c in candidates if (c / "model.safetensors").exists()), None)
+    model = _fresh_base(d) if d else train_base(cfg, suite, tok, candidates[-1])
+    d = d or candidates[-1]
+    check_cache_base(Path(cfg.cache_dir), d)
+    return model, d
 
-    for d in [Path(cfg.base_dir)] if cfg.base_dir else []:
-        if (d / "model.safetensors").exists():
-            return LlamaForCausalLM.from_pretrained(d, local_files_only=True).float().eval(), d
-    d = Path(cfg.cache_dir) / "base"
-    if (d / "model.safetensors").exists():
-        return LlamaForCausalLM.from_pretrained(d, local_files_only=True).float().eval(), d
-    return train_base(cfg, suite, tok, d), d
+
+def _fingerprint(base_dir: Path) -> str:
+    return hashlib.sha256((base_dir / "model.safetensors").read_bytes()).hexdigest()[:16]
+
+
+def check_cache_base(cache_dir: Path, base_dir: Path) -> None:
+    """Record which base the models in `cache_dir` build on; refuse to mix them with another base's models."""
+    stamp = cache_dir / "base_fingerprint.txt"
+    now = _fingerprint(base_dir)
+    if stamp.exists() and stamp.read_text().strip() != now:
+        raise RuntimeError(
+            f"{cache_dir} holds models trained over another base than {base_dir} (fingerprint {stamp.read_text()!r}"
+            f" != {now!r}): delete {cache_dir} (or choose another cache_dir) to retrain them over this base"
+        )
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(now)
 
 
 # --- HyperLlama and Gisting -----------------------------------------------------------------------

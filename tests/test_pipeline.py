@@ -79,3 +79,29 @@ def test_shipped_base_matches_the_pocket_config():
     assert (c["num_key_value_heads"], c["intermediate_size"]) == (cfg.kv_heads, cfg.mlp)
     assert c["vocab_size"] == len(pocket_tokenizer(16))
     assert (Path(cfg.base_dir) / "model.safetensors").stat().st_size < 25 * 2**20
+
+
+def test_the_smoke_base_was_pretrained_in_two_stages(smoke):
+    cfg, _ = smoke
+    from pathlib import Path
+
+    log = json.loads((Path(cfg.cache_dir) / "base" / "train_log.json").read_text())
+    assert [r["stage"] for r in log] == [1] * cfg.base_warmup_steps + [2] * cfg.base_steps
+
+
+def test_cached_models_of_another_base_are_refused(smoke, tmp_path):
+    """Models cached over one base must not be evaluated over another (e.g. after rebuilding data/pocket_base)."""
+    import shutil
+    from pathlib import Path
+
+    from gistlib.pipeline import check_cache_base
+
+    cfg, _ = smoke
+    cache = Path(cfg.cache_dir)
+    check_cache_base(cache, cache / "base")  # same base: fine
+    other = tmp_path / "other_base"
+    shutil.copytree(cache / "base", other)
+    with (other / "model.safetensors").open("ab") as f:
+        f.write(b"\0")
+    with pytest.raises(RuntimeError, match="another base"):
+        check_cache_base(cache, other)
