@@ -147,8 +147,8 @@ def plot_losses(summary: dict):
     return fig
 
 
-def plot_tradeoff(summary: dict):
-    """Compression trade-off: hyperllama accuracy against k (one line per level), ICL as dashed lines."""
+def plot_tradeoff(summary: dict, method: str = "hyperllama"):
+    """Compression trade-off: `method`'s accuracy against k (one line per level), ICL as dashed lines."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     sweep = summary.get("gist_sweep", {})
@@ -161,7 +161,7 @@ def plot_tradeoff(summary: dict):
             [sweep[k]["by_level"].get(lvl, float("nan")) for k in ks],
             marker="o",
             color=color,
-            label=f"hyperllama {lvl}",
+            label=f"{method} {lvl}",
         )
         ax.axhline(icl_levels[lvl], color=color, ls="--", lw=1, label=f"icl {lvl}")
     ax.set_xscale("log", base=2)

@@ -268,9 +268,11 @@ def plot_projection(
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.2, 4.2))
     pts = points.cpu().numpy()
-    for i, g in enumerate(sorted(set(groups), key=str)):
+    kinds = sorted(set(groups), key=str)
+    colours = plt.get_cmap("tab10" if len(kinds) <= 10 else "tab20")  # distinct colours for up to 20 groups
+    for i, g in enumerate(kinds):
         idx = [j for j, x in enumerate(groups) if x == g]
-        ax.scatter(pts[idx, 0], pts[idx, 1], s=22, color=f"C{i % 10}", label=str(g), alpha=0.8)
+        ax.scatter(pts[idx, 0], pts[idx, 1], s=22, color=colours(i % colours.N), label=str(g), alpha=0.8)
     if names is not None and len(names) <= 30:
         for (x, y), n in zip(pts, names):
             ax.annotate(str(n), (x, y), fontsize=6, alpha=0.7)

@@ -94,6 +94,9 @@ def test_project_2d_finds_the_main_direction():
     assert abs(torch.corrcoef(torch.stack([pts[:, 0], scale.flatten()]))[0, 1]) == pytest.approx(1.0, abs=1e-5)
     fig = viz.plot_projection(pts, ["x", "x", "y", "y", "z", "z"])
     assert len(fig.axes[0].collections) == 3  # one scatter per group
+    many = viz.plot_projection(torch.randn(24, 2), [f"task{i}" for i in range(12)] * 2)
+    colours = {tuple(c.get_facecolor()[0]) for c in many.axes[0].collections}
+    assert len(colours) == 12, "groups beyond ten must not share a colour"
 
 
 def test_prefix_slice_and_change():
