@@ -561,11 +561,16 @@ def run_pocket(cfg: PocketConfig) -> dict:
     return summary
 
 
+def word_ids_of(tok) -> list[int]:
+    """The ids of the tokenizer's ordinary tokens, in id order (`get_vocab()`'s order changes from run to run)."""
+    return sorted(i for i in tok.get_vocab().values() if i not in tok.all_special_ids)
+
+
 def prefix_ladder(cfg: PocketConfig, hyper: HyperLlama, hyper_pref, test, tok) -> dict:
     """Prefix tuning from three starts on the first `prefix_episodes` test episodes; accuracy per budget."""
     episodes = test[: cfg.prefix_episodes]
     start_hyper = hyper_pref.rows(list(range(len(episodes))))
-    word_ids = [i for t, i in tok.get_vocab().items() if i not in tok.all_special_ids]
+    word_ids = word_ids_of(tok)
     starts = {
         "prefix_tuning_random": random_prefix(start_hyper, len(episodes), seed=0),
         "prefix_tuning_vocab": None,

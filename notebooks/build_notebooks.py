@@ -918,7 +918,7 @@ def lesson_06():
                 f"{per[b]['accuracy']:>8.3f} [{per[b]['ci95'][0]:.2f}, {per[b]['ci95'][1]:.2f}]" for b in budgets))
         RESULTS["ladder"] = {name.removeprefix("prefix_tuning_"): {b: per[b]["accuracy"] for b in budgets}
                              for name, per in ladder.items()}
-        plot_prefix_ladder(summary)
+        plot_prefix_ladder(summary);  # report figures stay open: the semicolon keeps Jupyter from showing it twice
         """),
         md("""
         ## What do these numbers say about the paper's finding?

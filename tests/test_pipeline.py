@@ -105,3 +105,20 @@ def test_cached_models_of_another_base_are_refused(smoke, tmp_path):
         f.write(b"\0")
     with pytest.raises(RuntimeError, match="another base"):
         check_cache_base(cache, other)
+
+
+def test_vocab_start_tokens_do_not_depend_on_the_process():
+    """tokenizers' get_vocab() order changes between processes; the vocab prefix start must not."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from gistlib.data import pocket_tokenizer; from gistlib.pipeline import word_ids_of; "
+    code += "print(word_ids_of(pocket_tokenizer(16)))"
+    outs = {
+        subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": seed}
+        ).stdout
+        for seed in ("1", "2", "3")
+    }
+    assert len(outs) == 1 and outs.pop().startswith("[")
