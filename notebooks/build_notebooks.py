@@ -561,7 +561,7 @@ def lesson_04():
         NUM_GIST_TOKENS: int = 0  # 0: the tier's (smoke 2; pocket 8)
         HYPERPRETRAIN_STEPS: int = 0  # stage (a) on plain text; 0: the tier's (smoke 2; pocket 100)
         HYPER_STEPS: int = 0  # stage (b), multi-task; 0: the tier's (smoke 30; pocket 600)
-        LR: float = 0.0  # 0: the tier's (2e-3)
+        LR: float = 0.0  # 0: the tier's (smoke 1e-2, so a near-random smoke model moves within 30 steps; pocket 2e-3)
         EVAL_EVERY: int = 0  # live plot and validation every this many steps; 0: smoke 10, pocket 50
         TEST_EPISODES: int = 0  # 0: the tier's (smoke 12; pocket 200)
         RUN_DIR: str = "runs"
@@ -577,7 +577,7 @@ def lesson_04():
         K = NUM_GIST_TOKENS or cfg.num_gist_tokens
         HYPERPRETRAIN_STEPS = HYPERPRETRAIN_STEPS or (2 if TIER == "smoke" else 100)
         HYPER_STEPS = HYPER_STEPS or (30 if TIER == "smoke" else 600)
-        LR = LR or cfg.hyper_lr
+        LR = LR or (1e-2 if TIER == "smoke" else cfg.hyper_lr)
         EVAL_EVERY = EVAL_EVERY or (10 if TIER == "smoke" else 50)
         TEST_EPISODES = TEST_EPISODES or (12 if TIER == "smoke" else 200)
         GIST = gist_token_ids(tok)[:K]
