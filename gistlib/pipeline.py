@@ -250,9 +250,7 @@ def _pretrain(model, cfg: PocketConfig, suite, tok, levels: tuple[str, ...], ste
         copy_demos_prob=cfg.base_copy_demos,
     )
     records = train(trainee, batches, tcfg, evaluate=lambda m, step: _icl_score(m.model, val, tok))
-    best = run_dir / "best" / "model"
-    if best.exists():
-        trainee.load_trainable(best)
+    _load_best(trainee, run_dir)
     shutil.rmtree(run_dir, ignore_errors=True)  # optimizer states etc.: not needed once trained
     return records
 
@@ -283,10 +281,11 @@ def train_base(cfg: PocketConfig, suite, tok, out_dir: Path):
 def load_base(cfg: PocketConfig, suite, tok):
     """The shipped/cached base if there is one, else train it (and cache it). Checks that the models cached in
     `cache_dir` were trained over this base (`check_cache_base`)."""
-    candidates = ([Path(cfg.base_dir)] if cfg.base_dir else []) + [Path(cfg.cache_dir) / "base"]
+    cached = Path(cfg.cache_dir) / "base"
+    candidates = ([Path(cfg.base_dir)] if cfg.base_dir else []) + [cached]
     d = next((c for c in candidates if (c / "model.safetensors").exists()), None)
-    model = _fresh_base(d) if d else train_base(cfg, suite, tok, candidates[-1])
-    d = d or candidates[-1]
+    model = _fresh_base(d) if d else train_base(cfg, suite, tok, cached)
+    d = d or cached
     check_cache_base(Path(cfg.cache_dir), d)
     return model, d
 
@@ -299,9 +298,10 @@ def check_cache_base(cache_dir: Path, base_dir: Path) -> None:
     """Record which base the models in `cache_dir` build on; refuse to mix them with another base's models."""
     stamp = cache_dir / "base_fingerprint.txt"
     now = _fingerprint(base_dir)
-    if stamp.exists() and stamp.read_text().strip() != now:
+    before = stamp.read_text().strip() if stamp.exists() else now
+    if before != now:
         raise RuntimeError(
-            f"{cache_dir} holds models trained over another base than {base_dir} (fingerprint {stamp.read_text()!r}"
+            f"{cache_dir} holds models trained over another base than {base_dir} (fingerprint {before!r}"
             f" != {now!r}): delete {cache_dir} (or choose another cache_dir) to retrain them over this base"
         )
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -420,11 +420,16 @@ def _stage_config(cfg: PocketConfig, steps: int, lr: float, out_dir: Path, seed:
     )
 
 
-def _keep_best(trainee, run_dir: Path, final_dir: Path) -> None:
-    """Load the best-on-validation weights of a finished run (if it evaluated) and save them to `final_dir`."""
+def _load_best(trainee, run_dir: Path) -> None:
+    """Load the best-on-validation weights of a finished run, if it evaluated (else keep the last ones)."""
     best = run_dir / "best" / "model"
     if best.exists():
         trainee.load_trainable(best)
+
+
+def _keep_best(trainee, run_dir: Path, final_dir: Path) -> None:
+    """`_load_best`, then save the weights to `final_dir`."""
+    _load_best(trainee, run_dir)
     trainee.save_pretrained(final_dir)
 
 
