@@ -4,6 +4,7 @@
     gisting_batches         [BOS] demos G_1..G_k query answer      Gisting (gist mask)
     hyper_batches           hypernetwork: [BOS] demos G_1..G_k     HyperLlama multi-task training
                             downstream:   [BOS] query answer [EOS], several queries per task
+                            teacher (optional): [BOS] demos query answer, for ICL distillation
     hyperpretrain_batches   hypernetwork: [BOS] segment_a G..;  downstream: [BOS] segment_b
 
 Every stream is endless, seeded and reproducible (the training loop's resume replays it).
@@ -143,25 +144,35 @@ def hyper_episode_batches(
     fmt: RenderFormat = COMPACT,
     max_hyper_tokens: int = 256,
     max_tokens: int = 64,
+    teacher_queries: int = 0,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """HyperLlama batches from any episode stream: `hyper_*` (T, Lh) left padded, downstream rows
-    (T*Q, L) for every query, and `task_index` (T*Q,) naming each row's task."""
+    (T*Q, L) for every query, and `task_index` (T*Q,) naming each row's task.
+
+    teacher_queries: for the first this many queries of each task, also the in-context row
+    `[BOS] demos query answer` (`icl_input_ids`, `icl_attention_mask`: (R, Lt) right padded) and
+    `icl_rows` (R,), the downstream row each teaches (`gistlib.distill`). 0: none.
+    """
     while True:
-        hyper_rows, down_rows, index = [], [], []
+        hyper_rows, down_rows, index, icl, icl_rows = [], [], [], [], []
         for t in range(tasks_per_batch):
             ep = next(episodes)
             hyper_rows.append(render_hyper_input(ep, tokenizer, gist_ids, fmt, max_hyper_tokens))
-            for q in ep.queries:
+            for i, q in enumerate(ep.queries):
+                if i < teacher_queries:
+                    icl.append(render_icl(ep, q, tokenizer, fmt, max_hyper_tokens + max_tokens))
+                    icl_rows.append(len(down_rows))
                 down_rows.append(render_downstream(q, tokenizer, fmt, max_tokens, task=ep.task))
                 index.append(t)
         h = collate(hyper_rows, tokenizer.pad_token_id, padding_side="left")
         d = collate(down_rows, tokenizer.pad_token_id)
-        yield {
-            "hyper_input_ids": h["input_ids"],
-            "hyper_attention_mask": h["attention_mask"],
-            **d,
-            "task_index": torch.tensor(index),
-        }
+        batch = {"hyper_input_ids": h["input_ids"], "hyper_attention_mask": h["attention_mask"], **d}
+        batch["task_index"] = torch.tensor(index)
+        if icl:
+            teacher = collate(icl, tokenizer.pad_token_id)
+            batch |= {"icl_input_ids": teacher["input_ids"], "icl_attention_mask": teacher["attention_mask"]}
+            batch["icl_rows"] = torch.tensor(icl_rows)
+        yield batch
 
 
 def hyper_batches(
@@ -177,10 +188,13 @@ def hyper_batches(
     repeat_demo_prob: float = 0.0,
     num_demos: int | None = None,
     balanced: bool = False,
+    teacher_queries: int = 0,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """HyperLlama multi-task batches: episodes sampled from `tasks` (see `hyper_episode_batches`)."""
     episodes = _episodes(tasks, seed, queries_per_task, repeat_demo_prob, num_demos, balanced)
-    return hyper_episode_batches(episodes, tokenizer, gist_ids, tasks_per_batch, fmt, max_hyper_tokens, max_tokens)
+    return hyper_episode_batches(
+        episodes, tokenizer, gist_ids, tasks_per_batch, fmt, max_hyper_tokens, max_tokens, teacher_queries
+    )
 
 
 def hyperpretrain_batches(

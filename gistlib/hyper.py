@@ -32,6 +32,7 @@ from transformers import PreTrainedModel
 
 from gistlib.attention import use_gistlib_attention
 from gistlib.config import check_fields
+from gistlib.distill import hidden_cosine_loss, teacher_hidden_states
 from gistlib.masks import make_gist_mask
 from gistlib.prefix import (
     Prefix,
@@ -218,18 +219,50 @@ class HyperLlama(nn.Module):
 
     def downstream_logits(self, prefix: Prefix, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Logits (B, L, V) of the frozen downstream model on tokens after `prefix` (positions k...)."""
+        return self._downstream(prefix, input_ids, attention_mask).logits
+
+    def _downstream(self, prefix: Prefix, input_ids: torch.Tensor, attention_mask: torch.Tensor, hidden: bool = False):
+        """The frozen downstream model's output on tokens after `prefix`; `hidden`: with every layer's states."""
         k = prefix.num_virtual_tokens
         past = torch.ones(input_ids.shape[0], k, dtype=torch.bool, device=input_ids.device)
         with self.downstream_mode():
-            out = forward_with_mask(
+            return forward_with_mask(
                 self.peft,
                 prefixed_causal_mask(past, attention_mask),
                 positions_from_mask(attention_mask, start=k),
                 input_ids=input_ids,
                 gist_prefix=(prefix.keys, prefix.values),
                 use_cache=False,
+                output_hidden_states=hidden,
             )
-        return out.logits
+
+    def _objective(
+        self,
+        prefix: Prefix,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        icl_input_ids: torch.Tensor | None,
+        icl_attention_mask: torch.Tensor | None,
+        icl_rows: torch.Tensor | None,
+        distill_weight: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss to minimise, language-modelling loss). Without teacher rows the two are the same.
+
+        prefix: one per downstream row. icl_*: (R, Lt) teacher rows `[BOS] demos x y`, right padded;
+        icl_rows (R,) says which downstream row each one teaches (see `gistlib.distill`).
+        """
+        teach = icl_input_ids is not None and distill_weight > 0
+        out = self._downstream(prefix, input_ids, attention_mask, hidden=teach)
+        lm = token_loss(out.logits, labels)
+        if not teach:
+            return lm, lm
+        rows = torch.arange(len(icl_input_ids), device=input_ids.device) if icl_rows is None else icl_rows
+        with self.downstream_mode():
+            teacher = teacher_hidden_states(self.peft, icl_input_ids, icl_attention_mask)
+        student = [h[rows] for h in out.hidden_states[1:]]
+        aux = hidden_cosine_loss(student, teacher, attention_mask[rows], icl_attention_mask)
+        return lm + distill_weight * aux, lm
 
     def forward(
         self,
@@ -239,11 +272,17 @@ class HyperLlama(nn.Module):
         attention_mask: torch.Tensor,
         labels: torch.Tensor,
         task_index: torch.Tensor | None = None,
+        icl_input_ids: torch.Tensor | None = None,
+        icl_attention_mask: torch.Tensor | None = None,
+        icl_rows: torch.Tensor | None = None,
+        distill_weight: float = 1.0,
     ) -> torch.Tensor:
         """Loss on the downstream output tokens, ready for `.backward()` (without checkpointing).
 
         hyper_*: (T, Lh), one row per task. input_ids, attention_mask, labels: (B, L) downstream rows;
         `task_index` (B,) says which task row each downstream row belongs to (default: row b -> task b).
+        icl_*: optional teacher rows (R, Lt) for ICL distillation, `icl_rows` (R,) their downstream rows;
+        the loss is then LM + distill_weight * distill (`gistlib.distill`).
         With gradient checkpointing on, use `loss_and_backward` (see there why).
         """
         if self.base.is_activation_checkpointing and self.training and torch.is_grad_enabled():
@@ -254,7 +293,8 @@ class HyperLlama(nn.Module):
         prefix = self.make_prefix(hyper_input_ids, hyper_attention_mask)
         if task_index is not None:
             prefix = prefix.rows(task_index)
-        return token_loss(self.downstream_logits(prefix, input_ids, attention_mask), labels)
+        teacher = (icl_input_ids, icl_attention_mask, icl_rows, distill_weight)
+        return self._objective(prefix, input_ids, attention_mask, labels, *teacher)[0]
 
     def loss_and_backward(
         self,
@@ -265,8 +305,12 @@ class HyperLlama(nn.Module):
         labels: torch.Tensor,
         task_index: torch.Tensor | None = None,
         loss_scale: float = 1.0,
+        icl_input_ids: torch.Tensor | None = None,
+        icl_attention_mask: torch.Tensor | None = None,
+        icl_rows: torch.Tensor | None = None,
+        distill_weight: float = 1.0,
     ) -> torch.Tensor:
-        """Forward and backward in two phases; returns the (unscaled, detached) loss.
+        """Forward and backward in two phases; returns the (unscaled, detached) language-modelling loss.
 
         Gradient checkpointing recomputes each layer during backward, *after* `downstream_mode()`
         has exited, so a single backward would replay the downstream with the adapters on. Instead:
@@ -274,6 +318,8 @@ class HyperLlama(nn.Module):
         off, giving d loss / d prefix; (3) backward from the prefix into LoRA, gist table and head with
         adapters on. Gradients equal those of `forward(...).backward()` (tested); works with or
         without checkpointing. `loss_scale` multiplies the gradients (e.g. 1 / accumulation steps).
+        The teacher arguments are `forward`'s; the returned loss leaves the distillation term out, so
+        curves stay comparable with and without it.
         """
         prefix = self.make_prefix(hyper_input_ids, hyper_attention_mask)
         leaf_k = prefix.keys.detach().requires_grad_(True)
@@ -281,11 +327,12 @@ class HyperLlama(nn.Module):
         cut = Prefix(leaf_k, leaf_v)
         if task_index is not None:
             cut = cut.rows(task_index)
+        teacher = (icl_input_ids, icl_attention_mask, icl_rows, distill_weight)
         with self.downstream_mode():
-            loss = token_loss(self.downstream_logits(cut, input_ids, attention_mask), labels)
-            (loss * loss_scale).backward()
+            total, lm = self._objective(cut, input_ids, attention_mask, labels, *teacher)
+            (total * loss_scale).backward()
         torch.autograd.backward([prefix.keys, prefix.values], [leaf_k.grad, leaf_v.grad])
-        return loss.detach()
+        return lm.detach()
 
     # --- using prefixes --------------------------------------------------------------------------
 

@@ -105,6 +105,8 @@ class PocketConfig:
     hyper_lr: float = 2e-3
     tasks_per_batch: int = 32
     queries_per_task: int = 4
+    distill_weight: float = 3.0  # ICL distillation (gistlib.distill; not in the paper): 0 trains on the LM loss alone
+    teacher_queries: int = 1  # queries per task that get an in-context teacher row
     # Gisting
     gisting_steps: int = 600
     gisting_lr: float = 1e-3
@@ -133,6 +135,8 @@ class PocketConfig:
             "gist_sweep": all(1 <= k <= 16 for k in self.gist_sweep),
             "families": set(self.families) <= {"classify", "transform", "arith"} and len(self.families) > 0,
             "prefix_budgets": len(self.prefix_budgets) > 0 and min(self.prefix_budgets) >= 0,
+            "distill_weight": self.distill_weight >= 0,
+            "teacher_queries": 0 <= self.teacher_queries <= self.queries_per_task,
         }
         check_fields(self, checks)
 
@@ -317,10 +321,33 @@ def _fresh_base(base_dir: Path):
     return LlamaForCausalLM.from_pretrained(base_dir, local_files_only=True).float().eval()
 
 
+HYPER_SETTINGS = (
+    "families", "levels", "lora_rank", "lora_alpha", "hyperpretrain_steps", "hyper_steps", "hyper_lr",
+    "tasks_per_batch", "queries_per_task", "distill_weight", "teacher_queries", "repeat_demo_prob",
+    "balanced_demos", "eval_every", "val_episodes",
+)  # fmt: skip
+
+
+def check_run_settings(run: Path, cfg: PocketConfig, names: tuple[str, ...]) -> None:
+    """Record the settings a cached run was trained with (run/settings.json); refuse a run trained otherwise."""
+    now = {n: list(v) if isinstance(v := getattr(cfg, n), tuple) else v for n in names}
+    path = run / "settings.json"
+    if not path.exists() and (run / "final").exists():
+        raise RuntimeError(f"{run} was trained before its settings were recorded: delete {run} to retrain it")
+    before = json.loads(path.read_text()) if path.exists() else now
+    changed = sorted(n for n in names if before.get(n) != now[n])
+    if changed:
+        diff = ", ".join(f"{n}: {before.get(n)!r} -> {now[n]!r}" for n in changed)
+        raise RuntimeError(f"{run} was trained with other settings ({diff}): delete {run} to retrain it")
+    run.mkdir(parents=True, exist_ok=True)
+    _write_json(path, now)
+
+
 def train_hyper(cfg: PocketConfig, suite, tok, base_dir: Path, k: int, seed: int) -> tuple[HyperLlama, list]:
     """Hyperpretrain, then multi-task train one HyperLlama (cached in cache_dir/hyper-k{k}-s{seed})."""
     gist = gist_token_ids(tok)[:k]
     run = Path(cfg.cache_dir) / f"hyper-k{k}-s{seed}"
+    check_run_settings(run, cfg, HYPER_SETTINGS)
     hcfg = HyperConfig(num_gist_tokens=k, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, seed=seed)
     hyper = HyperLlama(_fresh_base(base_dir), gist, hcfg)
     if (run / "final" / "hyper_config.json").exists():
@@ -361,8 +388,9 @@ def train_hyper(cfg: PocketConfig, suite, tok, base_dir: Path, k: int, seed: int
             seed=seed,
             repeat_demo_prob=cfg.repeat_demo_prob,
             balanced=cfg.balanced_demos,
+            teacher_queries=cfg.teacher_queries if cfg.distill_weight > 0 else 0,
         ),
-        main,
+        replace(main, distill_weight=cfg.distill_weight),
         evaluate=val_score,
     )
     _keep_best(hyper, run / "multitask", run / "final")

@@ -12,7 +12,7 @@ Config sections (every field optional; unknown or bad fields are errors naming `
      "hyper": {...HyperConfig fields},
      "train": {...TrainConfig fields},
      "data":  {"stage": "multitask" | "hyperpretrain", "families": ["classify"], "tasks_per_batch": 32,
-               "queries_per_task": 4, "repeat_demo_prob": 0.5, "seed": 0}}
+               "queries_per_task": 4, "repeat_demo_prob": 0.5, "teacher_queries": 0, "seed": 0}}
 
 With `model.path` unset the base is a tiny Llama built from the TinyLlamaConfig fields (random, or
 the pocket base if `path` points at data/pocket_base). Each process writes its final trainable weights
@@ -41,6 +41,7 @@ class DataConfig:
     tasks_per_batch: int = 32
     queries_per_task: int = 4
     repeat_demo_prob: float = 0.5
+    teacher_queries: int = 0  # queries per task with an in-context teacher row (ICL distillation, gistlib.distill)
     seed: int = 0
 
     def __post_init__(self):
@@ -49,6 +50,8 @@ class DataConfig:
             raise ValueError(f"data.stage = {self.stage!r}: use 'multitask' or 'hyperpretrain'")
         if self.tasks_per_batch < 1 or self.queries_per_task < 1:
             raise ValueError("data.tasks_per_batch and data.queries_per_task must be >= 1")
+        if not 0 <= self.teacher_queries <= self.queries_per_task:
+            raise ValueError("data.teacher_queries must be between 0 and data.queries_per_task")
 
 
 @dataclass
@@ -109,7 +112,14 @@ def run_train_config(path: str | None, overrides: dict | None = None) -> list[di
     if d.stage == "multitask":
         tasks = [t for t in load_pocket_suite()["train"] if t.family in d.families]
         batches = hyper_batches(
-            tasks, tok, gist, d.tasks_per_batch, d.queries_per_task, seed=d.seed, repeat_demo_prob=d.repeat_demo_prob
+            tasks,
+            tok,
+            gist,
+            d.tasks_per_batch,
+            d.queries_per_task,
+            seed=d.seed,
+            repeat_demo_prob=d.repeat_demo_prob,
+            teacher_queries=d.teacher_queries,
         )
     else:
         batches = hyperpretrain_batches(load_pocket_corpus(), tok, gist, d.tasks_per_batch, seed=d.seed)

@@ -122,3 +122,24 @@ def test_vocab_start_tokens_do_not_depend_on_the_process():
         for seed in ("1", "2", "3")
     }
     assert len(outs) == 1 and outs.pop().startswith("[")
+
+
+def test_cached_hyperllama_of_other_settings_is_refused(smoke, tmp_path):
+    """A cached HyperLlama trained with other settings (say, without distillation) is not silently reused."""
+    import shutil
+    from dataclasses import replace
+    from pathlib import Path
+
+    from gistlib.pipeline import HYPER_SETTINGS, check_run_settings
+
+    cfg, _ = smoke
+    run = Path(cfg.cache_dir) / f"hyper-k{cfg.num_gist_tokens}-s{cfg.seeds[0]}"
+    assert json.loads((run / "settings.json").read_text())["distill_weight"] == cfg.distill_weight
+    check_run_settings(run, cfg, HYPER_SETTINGS)  # same settings: fine
+    with pytest.raises(RuntimeError, match=r"distill_weight: 3\.0 -> 0\.0.*delete"):
+        check_run_settings(run, replace(cfg, distill_weight=0.0), HYPER_SETTINGS)
+    old = tmp_path / "old-run"
+    shutil.copytree(run, old)
+    (old / "settings.json").unlink()  # a run cached before settings were recorded
+    with pytest.raises(RuntimeError, match="before its settings were recorded"):
+        check_run_settings(old, cfg, HYPER_SETTINGS)

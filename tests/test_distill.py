@@ -1,0 +1,150 @@
+"""ICL distillation: teacher rows pair with the right tokens, the loss equals a brute-force loop, the
+teacher's hidden states are transformers' own, and HyperLlama routes the extra term like the LM loss."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import GIST_IDS, PAD
+from test_hyper import make_hyper, perturb_lora, toy_batch
+
+from gistlib.batches import hyper_batches
+from gistlib.data import load_pocket_suite, pocket_tokenizer
+from gistlib.distill import hidden_cosine_loss, suffix_alignment, teacher_hidden_states
+from gistlib.models import build_tiny_llama, gist_token_ids
+
+TOK = pocket_tokenizer(4)
+
+
+def pocket_batch(tasks=5, queries=3, teacher_queries=2):
+    suite = [t for t in load_pocket_suite()["train"] if t.meta.get("level") in ("C2", "C8")][:40]
+    stream = hyper_batches(suite, TOK, gist_token_ids(TOK), tasks, queries, seed=3, teacher_queries=teacher_queries)
+    return next(stream)
+
+
+def test_teacher_rows_pair_each_query_token_with_itself():
+    b = pocket_batch()
+    assert b["icl_rows"].tolist() == [0, 1, 3, 4, 6, 7, 9, 10, 12, 13]  # the first 2 queries of each task
+    student_mask = b["attention_mask"][b["icl_rows"]]
+    s_idx, t_idx, valid = suffix_alignment(student_mask, b["icl_attention_mask"])
+    for r, row in enumerate(b["icl_rows"].tolist()):
+        student = b["input_ids"][row][s_idx[r][valid[r]]].tolist()
+        teacher = b["icl_input_ids"][r][t_idx[r][valid[r]]].tolist()
+        assert student == teacher
+        assert TOK.convert_ids_to_tokens(student)[1] == "->" and student[-1] == TOK.eos_token_id
+        # the teacher row holds the task's demos: every demo word of the hypernetwork input
+        hyper_words = set(b["hyper_input_ids"][b["task_index"][row]].tolist()) - {PAD, TOK.bos_token_id}
+        assert hyper_words - set(gist_token_ids(TOK)) <= set(b["icl_input_ids"][r].tolist())
+    assert "icl_input_ids" not in pocket_batch(teacher_queries=0)
+
+
+def test_suffix_alignment_refuses_a_short_teacher():
+    with pytest.raises(ValueError, match="teacher row is shorter"):
+        suffix_alignment(torch.ones(1, 5), torch.ones(1, 3))
+
+
+def test_cosine_loss_equals_a_loop():
+    g = torch.Generator().manual_seed(0)
+    n, m = torch.tensor([4, 2, 5]), torch.tensor([9, 7, 12])
+    s_mask = (torch.arange(6)[None] < n[:, None]).long()
+    t_mask = (torch.arange(12)[None] < m[:, None]).long()
+    student = [torch.randn(3, 6, 8, generator=g) for _ in range(2)]
+    teacher = [torch.randn(3, 12, 8, generator=g) for _ in range(2)]
+    per_layer = []
+    for hs, ht in zip(student, teacher):
+        terms = []
+        for r in range(3):
+            for j in range(1, int(n[r])):  # every real token after BOS ...
+                tj = int(m[r]) - int(n[r]) + j  # ... against the same token at the end of the teacher row
+                terms.append(1 - F.cosine_similarity(hs[r, j], ht[r, tj], dim=0))
+        per_layer.append(torch.stack(terms).mean())
+    ours = hidden_cosine_loss(student, teacher, s_mask, t_mask)
+    torch.testing.assert_close(ours, torch.stack(per_layer).mean())
+    assert hidden_cosine_loss(teacher, teacher, t_mask, t_mask).abs() < 1e-6
+
+
+def test_teacher_hidden_states_are_the_models_own():
+    model = build_tiny_llama(vocab_size=64, seed=0)
+    ids = torch.tensor([[1, 5, 6, 7, 8], [1, 9, 10, PAD, PAD]])
+    mask = (ids != PAD).long()
+    ours = teacher_hidden_states(model, ids, mask)
+    with torch.no_grad():
+        theirs = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[1:]
+    assert len(ours) == model.config.num_hidden_layers
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a[mask.bool()], b[mask.bool()], atol=1e-5, rtol=1e-4)
+
+
+def toy_teacher(batch, rows=(0, 3, 5)):
+    """Teacher rows `[BOS] demos query answer` for some downstream rows of `toy_batch` (right padded)."""
+    h_ids, _, down, *_, task_index = batch
+    teacher = []
+    for r in rows:
+        demos = [t for t in h_ids[task_index[r]].tolist() if t not in (PAD, 1, *GIST_IDS)]
+        teacher.append([1, *demos, *down[r, 1:].tolist()])
+    width = max(map(len, teacher))
+    ids = torch.tensor([row + [PAD] * (width - len(row)) for row in teacher])
+    return {"icl_input_ids": ids, "icl_attention_mask": (ids != PAD).long(), "icl_rows": torch.tensor(rows)}
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_two_phase_backward_equals_plain_backward_with_a_teacher(checkpointing):
+    grads, losses = [], []
+    for two_phase in (False, True):
+        hyper = make_hyper()
+        perturb_lora(hyper)
+        hyper.train()
+        batch = toy_batch()
+        teacher = toy_teacher(batch)
+        if two_phase and checkpointing:
+            hyper.base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        if two_phase:
+            loss = hyper.loss_and_backward(*batch, loss_scale=0.5, distill_weight=2.0, **teacher)
+        else:
+            loss = hyper(*batch, distill_weight=2.0, **teacher)
+            (0.5 * loss).backward()
+        losses.append(loss.item())
+        grads.append({n: p.grad.clone() for n, p in hyper.trainable_state().items() if p.grad is not None})
+    with torch.no_grad():
+        lm_only = hyper(*toy_batch()).item()
+    assert losses[1] == pytest.approx(lm_only, abs=1e-6)  # the two-phase path reports the LM loss alone
+    assert losses[0] > lm_only + 1e-3  # the plain path returns LM + 2 x distill
+    assert grads[0].keys() == grads[1].keys() and "gist_embeddings" in grads[0]
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-5)
+
+
+def test_distillation_changes_the_gradient_and_weight_zero_switches_it_off():
+    def grads(**teacher):
+        hyper = make_hyper()
+        perturb_lora(hyper)
+        hyper.train()
+        hyper.loss_and_backward(*toy_batch(), **teacher)
+        return hyper.gist_embeddings.grad.clone()
+
+    teacher = toy_teacher(toy_batch())
+    plain = grads()
+    assert not torch.allclose(grads(**teacher), plain)
+    torch.testing.assert_close(grads(**teacher, distill_weight=0.0), plain)
+
+
+def test_the_training_loop_feeds_teacher_rows_with_the_configured_weight(tmp_path):
+    """`train` hands teacher rows to the trainee with `TrainConfig.distill_weight`; weight 0 = no teacher."""
+    from gistlib.train import TrainConfig, train
+
+    def stream(teacher: bool):
+        while True:
+            batch = toy_batch()
+            extra = toy_teacher(batch) if teacher else {}
+            names = ("hyper_input_ids", "hyper_attention_mask", "input_ids", "attention_mask", "labels", "task_index")
+            yield dict(zip(names, batch)) | extra
+
+    def weights(teacher: bool, weight: float, out: str):
+        hyper = make_hyper()
+        cfg = TrainConfig(steps=3, lr=1e-2, warmup_steps=0, out_dir=str(tmp_path / out), progress=False,
+                          distill_weight=weight)  # fmt: skip
+        train(hyper, stream(teacher), cfg)
+        return hyper.gist_embeddings.detach().clone()
+
+    plain = weights(False, 1.0, "plain")
+    torch.testing.assert_close(weights(True, 0.0, "off"), plain)
+    assert not torch.allclose(weights(True, 1.0, "on"), plain)
