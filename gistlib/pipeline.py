@@ -338,7 +338,9 @@ def check_run_settings(run: Path, cfg: PocketConfig, names: tuple[str, ...]) -> 
     changed = sorted(n for n in names if before.get(n) != now[n])
     if changed:
         diff = ", ".join(f"{n}: {before.get(n)!r} -> {now[n]!r}" for n in changed)
-        raise RuntimeError(f"{run} was trained with other settings ({diff}): delete {run} to retrain it")
+        raise RuntimeError(
+            f"{run} was trained with other settings ({diff}): delete {run} to retrain it, or set another cache_dir"
+        )
     run.mkdir(parents=True, exist_ok=True)
     _write_json(path, now)
 

@@ -604,7 +604,8 @@ def lesson_04():
         token, in every layer, to point where the teacher's does (`gistlib.distill`, 1 - cosine). One answer
         token gives the hypernetwork little to go on; the teacher's hidden states say what the prefix should
         make the model compute. On the pocket suite, runs trained on the answer alone mostly stayed at
-        zero-shot accuracy; with the teacher every seed we tried learned (README, "What we changed and why").
+        zero-shot accuracy; with the teacher, every seed tried with the course's settings learned (README, "What we
+        changed and why").
         Set `distill_weight=0` in the config to train as the paper does.
         """),
         code("""
