@@ -19,7 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from gistlib.prefix import forward_with_mask, positions_from_mask, prefixed_causal_mask
+from gistlib.masks import make_causal_mask
+from gistlib.prefix import forward_with_mask, positions_from_mask
 
 __all__ = ["suffix_alignment", "hidden_cosine_loss", "teacher_hidden_states"]
 
@@ -80,10 +81,9 @@ def teacher_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.
     Run it on the downstream model (adapters off). The last entry is after the final norm, as in
     transformers' `output_hidden_states`.
     """
-    none_cached = torch.zeros(input_ids.shape[0], 0, dtype=torch.bool, device=input_ids.device)
     out = forward_with_mask(
         model,
-        prefixed_causal_mask(none_cached, attention_mask),
+        make_causal_mask(input_ids, attention_mask=attention_mask),
         positions_from_mask(attention_mask),
         input_ids=input_ids,
         use_cache=False,

@@ -4,8 +4,8 @@ teacher's hidden states are transformers' own, and HyperLlama routes the extra t
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import GIST_IDS, PAD
-from test_hyper import make_hyper, perturb_lora, toy_batch
+from conftest import PAD
+from test_hyper import make_hyper, perturb_lora, toy_batch, toy_teacher
 
 from gistlib.batches import hyper_batches
 from gistlib.data import load_pocket_suite, pocket_tokenizer
@@ -72,45 +72,6 @@ def test_teacher_hidden_states_are_the_models_own():
     assert len(ours) == model.config.num_hidden_layers
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a[mask.bool()], b[mask.bool()], atol=1e-5, rtol=1e-4)
-
-
-def toy_teacher(batch, rows=(0, 3, 5)):
-    """Teacher rows `[BOS] demos query answer` for some downstream rows of `toy_batch` (right padded)."""
-    h_ids, _, down, *_, task_index = batch
-    teacher = []
-    for r in rows:
-        demos = [t for t in h_ids[task_index[r]].tolist() if t not in (PAD, 1, *GIST_IDS)]
-        teacher.append([1, *demos, *down[r, 1:].tolist()])
-    width = max(map(len, teacher))
-    ids = torch.tensor([row + [PAD] * (width - len(row)) for row in teacher])
-    return {"icl_input_ids": ids, "icl_attention_mask": (ids != PAD).long(), "icl_rows": torch.tensor(rows)}
-
-
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_two_phase_backward_equals_plain_backward_with_a_teacher(checkpointing):
-    grads, losses = [], []
-    for two_phase in (False, True):
-        hyper = make_hyper()
-        perturb_lora(hyper)
-        hyper.train()
-        batch = toy_batch()
-        teacher = toy_teacher(batch)
-        if two_phase and checkpointing:
-            hyper.base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        if two_phase:
-            loss = hyper.loss_and_backward(*batch, loss_scale=0.5, distill_weight=2.0, **teacher)
-        else:
-            loss = hyper(*batch, distill_weight=2.0, **teacher)
-            (0.5 * loss).backward()
-        losses.append(loss.item())
-        grads.append({n: p.grad.clone() for n, p in hyper.trainable_state().items() if p.grad is not None})
-    with torch.no_grad():
-        lm_only = hyper(*toy_batch()).item()
-    assert losses[1] == pytest.approx(lm_only, abs=1e-6)  # the two-phase path reports the LM loss alone
-    assert losses[0] > lm_only + 1e-3  # the plain path returns LM + 2 x distill
-    assert grads[0].keys() == grads[1].keys() and "gist_embeddings" in grads[0]
-    for n in grads[0]:
-        torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-5)
 
 
 def test_distillation_changes_the_gradient_and_weight_zero_switches_it_off():

@@ -34,6 +34,18 @@ def toy_batch(seed=0, tasks=3, queries=2):
     return h_ids, h_am, down, torch.ones_like(down), labels, task_index
 
 
+def toy_teacher(batch, rows=(0, 3, 5)):
+    """Teacher rows `[BOS] demos query answer` for some downstream rows of `toy_batch` (right padded)."""
+    h_ids, _, down, *_, task_index = batch
+    teacher = []
+    for r in rows:
+        demos = [t for t in h_ids[task_index[r]].tolist() if t not in (PAD, 1, *GIST_IDS)]
+        teacher.append([1, *demos, *down[r, 1:].tolist()])
+    width = max(map(len, teacher))
+    ids = torch.tensor([row + [PAD] * (width - len(row)) for row in teacher])
+    return {"icl_input_ids": ids, "icl_attention_mask": (ids != PAD).long(), "icl_rows": torch.tensor(rows)}
+
+
 def perturb_lora(hyper: HyperLlama, scale=0.05, seed=1):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -104,10 +116,13 @@ def test_capture_path_equals_cache_path_with_trained_adapters():
     assert (hyper.downstream_logits(prefix, ids, am) - cached).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("teacher", [False, True])
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_two_phase_backward_equals_plain_backward(checkpointing):
-    """`loss_and_backward` (with or without checkpointing) gives the gradients of `forward().backward()`."""
+def test_two_phase_backward_equals_plain_backward(checkpointing, teacher):
+    """`loss_and_backward` (with or without checkpointing, with or without ICL-distillation teacher rows)
+    gives the gradients of `forward().backward()`."""
     grads, losses = [], []
+    extra = {"distill_weight": 2.0, **toy_teacher(toy_batch())} if teacher else {}
     for two_phase in (False, True):
         hyper = make_hyper()
         perturb_lora(hyper)
@@ -115,13 +130,19 @@ def test_two_phase_backward_equals_plain_backward(checkpointing):
         if two_phase and checkpointing:
             hyper.base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         if two_phase:
-            loss = hyper.loss_and_backward(*toy_batch(), loss_scale=0.5)
+            loss = hyper.loss_and_backward(*toy_batch(), loss_scale=0.5, **extra)
         else:
-            loss = hyper(*toy_batch())
+            loss = hyper(*toy_batch(), **extra)
             (0.5 * loss).backward()
         losses.append(loss.item())
         grads.append({n: p.grad.clone() for n, p in hyper.trainable_state().items() if p.grad is not None})
-    assert losses[0] == pytest.approx(losses[1], abs=1e-6)
+    if teacher:
+        with torch.no_grad():
+            lm_only = hyper(*toy_batch()).item()
+        assert losses[1] == pytest.approx(lm_only, abs=1e-6)  # the two-phase path reports the LM loss alone
+        assert losses[0] > lm_only + 1e-3  # the plain path returns LM + 2 x distill
+    else:
+        assert losses[0] == pytest.approx(losses[1], abs=1e-6)
     assert grads[0].keys() == grads[1].keys() and "gist_embeddings" in grads[0]
     for n in grads[0]:
         torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-5)
