@@ -49,7 +49,7 @@ def setup(threads: int | None = None) -> dict:
 
 
 def pocket_model(vocab_size: int = 512, seed: int = 0, attn_implementation: str = "sdpa"):
-    from gistlib.models import build_tiny_llama
+    from gistlib.models.tiny import build_tiny_llama
 
     return build_tiny_llama(vocab_size=vocab_size, seed=seed, attn_implementation=attn_implementation, **POCKET)
 

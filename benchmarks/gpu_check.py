@@ -9,14 +9,14 @@ What it does, per size (7b, then 13b if the free GPU memory exceeds the planner'
    fills it layer by layer on the device: each decoder linear becomes a `bnb.nn.Linear4bit` (nf4,
    double quantisation, bf16 compute) quantised from a random bf16 tensor made on the device;
    embeddings, lm_head and norms are random bf16 / ones. No fp32 copy of the weights ever exists.
-2. prepares it like `gistlib.loading.load_llama` does (k-bit preparation: non-quantised weights to fp32,
+2. prepares it like `gistlib.models.loading.load_llama` does (k-bit preparation: non-quantised weights to fp32,
    non-reentrant gradient checkpointing, everything frozen) and wraps it in `HyperLlama` (LoRA r8/a16 on all
    7 linears, 16 gist tokens);
-3. runs `--steps` training steps (AdamW, bf16 autocast as `gistlib.train.make_accelerator` does on a GPU,
+3. runs `--steps` training steps (AdamW, bf16 autocast as `gistlib.train.loop.make_accelerator` does on a GPU,
    two-phase `loss_and_backward`) at batch 4, hypernetwork input 1024 tokens (incl. the 16 gists) and
    downstream input 384 tokens (loss on the last 64), after one warm-up step;
 4. reports peak memory (`torch.cuda.max_memory_allocated`; on the CPU the tensor tracker of
-   `gistlib.memory`), tokens/s (hypernetwork + downstream tokens) and `gistlib.memory.estimate_memory`
+   `gistlib.models.memory`), tokens/s (hypernetwork + downstream tokens) and `gistlib.models.memory.estimate_memory`
    for the same setting, and writes everything to `results/benchmarks/gpu_check.json`.
 
 A hard internal timeout (`--timeout`, default 540 s) stops the run and still writes what was measured,
@@ -171,9 +171,9 @@ def random_batch(
 
 
 def check_size(size: str, args, device: torch.device, deadline: float) -> dict:
-    from gistlib.hyper import HyperConfig, HyperLlama
-    from gistlib.loading import is_frozen, prepare_for_training
-    from gistlib.memory import ModelShape, estimate_memory, measure_peak_bytes
+    from gistlib.core.hyper import HyperConfig, HyperLlama
+    from gistlib.models.loading import is_frozen, prepare_for_training
+    from gistlib.models.memory import ModelShape, estimate_memory, measure_peak_bytes
 
     cuda = device.type == "cuda"
     res: dict = {

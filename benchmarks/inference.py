@@ -20,8 +20,8 @@ import torch
 from _common import forward_flops, pocket_model, print_table, setup, time_side_by_side, verdict, write_json
 from transformers import DynamicCache
 
-from gistlib.hyper import HyperConfig, HyperLlama
-from gistlib.prefix import Prefix, forward_with_prefix
+from gistlib.core.hyper import HyperConfig, HyperLlama
+from gistlib.core.prefix import Prefix, forward_with_prefix
 
 K, Q_TOKENS, Q_AMORTISE = 16, 8, 64
 

@@ -15,6 +15,7 @@ import random
 
 from _common import pocket_model, print_table, setup, time_side_by_side, write_json
 
+from gistlib.core.hyper import HyperConfig, HyperLlama
 from gistlib.data import (
     COMPACT,
     choice_ids,
@@ -24,8 +25,7 @@ from gistlib.data import (
     render_hyper_input,
 )
 from gistlib.data.episodes import sample_episode
-from gistlib.hyper import HyperConfig, HyperLlama
-from gistlib.models import gist_token_ids
+from gistlib.models.tiny import gist_token_ids
 from gistlib.serve import PrefixStore
 
 K, TASKS, QUERIES_PER_TASK, NEW_TOKENS = 16, 64, 4, 3

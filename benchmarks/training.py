@@ -23,10 +23,10 @@ import pstats
 import torch
 from _common import forward_flops, pocket_model, print_table, setup, time_side_by_side, verdict, write_json
 
-from gistlib.hyper import HyperConfig, HyperLlama
-from gistlib.lm import LMTrainee
-from gistlib.masks import make_causal_mask, make_gist_mask, to_additive
-from gistlib.prefix import gist_positions, positions_from_mask, prefixed_causal_mask
+from gistlib.core.hyper import HyperConfig, HyperLlama
+from gistlib.core.lm import LMTrainee
+from gistlib.core.masks import make_causal_mask, make_gist_mask, to_additive
+from gistlib.core.prefix import gist_positions, positions_from_mask, prefixed_causal_mask
 
 K, Q_TOKENS, LABELLED = 16, 16, 4
 

@@ -36,8 +36,8 @@ def _overrides(pairs: list[str]) -> dict:
 
 
 def cmd_course(args) -> int:
-    from gistlib.pipeline import run_pocket, tier_config
-    from gistlib.report import results_table
+    from gistlib.course.pipeline import run_pocket, tier_config
+    from gistlib.course.report import results_table
 
     t0 = time.perf_counter()
     overrides = _overrides(args.set)
@@ -54,8 +54,8 @@ def cmd_base(args) -> int:
     """Pretrain the pocket base (the shipped data/pocket_base is made by exactly this command)."""
     from pathlib import Path
 
+    from gistlib.course.pipeline import tier_config, train_base
     from gistlib.data import load_pocket_suite, pocket_tokenizer
-    from gistlib.pipeline import tier_config, train_base
 
     cfg = tier_config(args.tier, **_overrides(args.set))
     t0 = time.perf_counter()
@@ -96,16 +96,16 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     if argv and argv[0] == "recipe":
-        from gistlib.recipes import main_recipe
+        from gistlib.course.recipes import main_recipe
 
         return main_recipe(argv[1:])
     if argv and argv[0] == "memory":
-        from gistlib.memory import main as memory_main
+        from gistlib.models.memory import main as memory_main
 
         return memory_main(argv[1:]) or 0
     args = parser.parse_args(argv)
     if args.command == "tour":
-        from gistlib.tour import run_tour
+        from gistlib.course.tour import run_tour
 
         run_tour(num_gist_tokens=args.num_gist_tokens)
         return 0

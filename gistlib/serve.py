@@ -1,6 +1,6 @@
 """Serving with gist prefixes: make each task's prefix once, keep it, answer many tasks in one batch.
 
-A canonical prefix (`gistlib.prefix`) puts every task's gist keys at positions `0 ... k-1` and every
+A canonical prefix (`gistlib.core.prefix`) puts every task's gist keys at positions `0 ... k-1` and every
 query token at `k, k+1, ...`, whatever the demos looked like. So a batch can hold rows of *different*
 tasks: each row just gets its own prefix (`Prefix.rows`), and one forward pass per step serves them
 all. (Gisting's reference code serves batch size 1; canonical prefixes remove that limit.)
@@ -32,9 +32,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
+from gistlib.core.prefix import Prefix, extract_prefix, forward_with_prefix, generate_with_prefix
+from gistlib.core.scoring import sequence_logprobs
 from gistlib.data.render import IGNORE, collate
-from gistlib.prefix import Prefix, extract_prefix, forward_with_prefix, generate_with_prefix
-from gistlib.scoring import sequence_logprobs
 
 __all__ = ["PrefixMaker", "PrefixStore", "UnknownTaskError", "read_store_metadata"]
 

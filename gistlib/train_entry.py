@@ -27,9 +27,9 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from gistlib.hyper import HyperConfig, HyperLlama
-from gistlib.models import TinyLlamaConfig, build_tiny_llama, gist_token_ids
-from gistlib.train import TrainConfig, make_accelerator, train
+from gistlib.core.hyper import HyperConfig, HyperLlama
+from gistlib.models.tiny import TinyLlamaConfig, build_tiny_llama, gist_token_ids
+from gistlib.train.loop import TrainConfig, make_accelerator, train
 
 __all__ = ["DataConfig", "ModelConfig", "load_run_config", "run_train_config"]
 
@@ -41,7 +41,7 @@ class DataConfig:
     tasks_per_batch: int = 32
     queries_per_task: int = 4
     repeat_demo_prob: float = 0.5
-    teacher_queries: int = 0  # queries per task with an in-context teacher row (ICL distillation, gistlib.distill)
+    teacher_queries: int = 0  # queries per task with an in-context teacher row (ICL distillation, gistlib.core.distill)
     seed: int = 0
 
     def __post_init__(self):
@@ -91,7 +91,7 @@ def load_run_config(path: str | None, overrides: dict | None = None) -> dict:
 
 def _base(model_cfg: ModelConfig, tok):
     if model_cfg.path:
-        from gistlib.loading import load_llama
+        from gistlib.models.loading import load_llama
 
         return load_llama(model_cfg.path, quantization=model_cfg.quantization, gradient_checkpointing=False)
     sizes = {f.name: getattr(model_cfg, f.name) for f in fields(TinyLlamaConfig)}
@@ -100,8 +100,8 @@ def _base(model_cfg: ModelConfig, tok):
 
 def run_train_config(path: str | None, overrides: dict | None = None) -> list[dict]:
     """Build tokenizer, base, HyperLlama and batch stream from the config, then train."""
-    from gistlib.batches import hyper_batches, hyperpretrain_batches
     from gistlib.data import load_pocket_corpus, load_pocket_suite, pocket_tokenizer
+    from gistlib.data.batches import hyper_batches, hyperpretrain_batches
 
     cfg = load_run_config(path, overrides)
     h: HyperConfig = cfg["hyper"]

@@ -88,8 +88,8 @@ POCKET_SETUP = """
     # the tier's configuration, the pocket suite, its word-level tokenizer and the pretrained base
     from gistlib.data import COMPACT as FMT
     from gistlib.data import load_pocket_suite, pocket_tokenizer
-    from gistlib.models import gist_token_ids
-    from gistlib.pipeline import fixed_episodes, load_base, select, tier_config
+    from gistlib.models.tiny import gist_token_ids
+    from gistlib.course.pipeline import fixed_episodes, load_base, select, tier_config
 
     assert TIER in ("smoke", "pocket"), "this lesson runs in the smoke and pocket tiers; the llama2 tier is lesson 7"
     CACHE = ROOT / RUN_DIR / TIER  # trained models are cached here (`python -m gistlib course` fills it)
@@ -131,10 +131,10 @@ def lesson_01():
         """),
         code("""
         from gistlib.data import COMPACT, EpisodeSampler, load_pocket_suite, pocket_tokenizer, render_gisting_prompt
-        from gistlib.masks import (make_causal_mask, make_gist_mask, mask_to_string, negative_control_mask,
+        from gistlib.core.masks import (make_causal_mask, make_gist_mask, mask_to_string, negative_control_mask,
                                    positive_control_mask, to_additive)
-        from gistlib.models import gist_token_ids
-        from gistlib.viz import plot_mask, token_labels
+        from gistlib.models.tiny import gist_token_ids
+        from gistlib.course.viz import plot_mask, token_labels
 
         K = NUM_GIST_TOKENS or (2 if TIER == "smoke" else 3)
         tok = pocket_tokenizer(16)
@@ -215,7 +215,7 @@ def lesson_01():
         The plain function `plot_mask` was called above; the widget only wraps it.
         """),
         code("""
-        from gistlib.widgets import mask_widget
+        from gistlib.course.widgets import mask_widget
 
         b = collate([short, long_], tok.pad_token_id, padding_side="left")
         mask_widget(b["input_ids"], GIST, token_labels(tok, b["input_ids"][0], GIST), pad_token_id=tok.pad_token_id);
@@ -224,12 +224,12 @@ def lesson_01():
         ## The pitfall: a boolean 4-D mask under eager attention
         transformers' eager attention *adds* the mask to the attention scores. Hand it a boolean mask and it
         adds 1 where attention is allowed and 0 where it is not: nothing is hidden, not even the future.
-        `gistlib.masks.to_additive` (0 / `finfo.min`) is applied in one place, `gistlib.prefix.forward_with_mask`.
+        `gistlib.core.masks.to_additive` (0 / `finfo.min`) is applied in one place, `gistlib.core.prefix.forward_with_mask`.
         Below, a random tiny Llama with eager attention reads the same sequence under both masks.
         """),
         code("""
-        from gistlib.models import build_tiny_llama
-        from gistlib.viz import attention_maps, attention_mass
+        from gistlib.models.tiny import build_tiny_llama
+        from gistlib.course.viz import attention_maps, attention_mass
 
         model = build_tiny_llama(tokenizer=tok, attn_implementation="eager", seed=SEED)
         L = ids.shape[1]
@@ -258,7 +258,7 @@ def lesson_01():
         one they do.
         """),
         code("""
-        from gistlib.prefix import forward_with_mask, positions_from_mask
+        from gistlib.core.prefix import forward_with_mask, positions_from_mask
 
         other = ids.clone()
         other[0, 1:first] = other[0, 1:first].flip(0)  # the same demo tokens in another order
@@ -329,8 +329,8 @@ def lesson_02():
         answer only (the labels are -100 elsewhere).
         """),
         code("""
-        from gistlib.batches import gisting_batches
-        from gistlib.viz import token_labels
+        from gistlib.data.batches import gisting_batches
+        from gistlib.course.viz import token_labels
 
         K_SHOW = max(GIST_COUNTS)
         batch = next(gisting_batches(select(suite["train"], cfg), tok, gist_token_ids(tok)[:K_SHOW], batch_size=2))
@@ -340,13 +340,13 @@ def lesson_02():
         """),
         md("""
         ## Train one gisting model per k
-        `gistlib.pipeline.train_gisting` fine-tunes every weight of a fresh copy of the base under the gist mask
-        with `gistlib.train.train` and early-stops on validation tasks (never on the test tasks). Trained models
+        `gistlib.course.pipeline.train_gisting` fine-tunes every weight of a fresh copy of the base under the gist mask
+        with `gistlib.train.loop.train` and early-stops on validation tasks (never on the test tasks). Trained models
         are cached, so a second run of this notebook is fast.
         """),
         code("""
-        from gistlib.pipeline import train_gisting
-        from gistlib.viz import plot_loss_curves
+        from gistlib.course.pipeline import train_gisting
+        from gistlib.course.viz import plot_loss_curves
 
         gisting_models, logs = {}, {}
         for k in GIST_COUNTS:
@@ -364,8 +364,8 @@ def lesson_02():
         """),
         code("""
         from gistlib.data import render_gisting, render_hyper_input
-        from gistlib.masks import make_gist_mask
-        from gistlib.prefix import extract_prefix, forward_with_mask, forward_with_prefix, positions_from_mask
+        from gistlib.core.masks import make_gist_mask
+        from gistlib.core.prefix import extract_prefix, forward_with_mask, forward_with_prefix, positions_from_mask
 
         k0 = max(GIST_COUNTS)
         model, gist = gisting_models[k0], gist_token_ids(tok)[:k0]
@@ -396,9 +396,9 @@ def lesson_02():
         zero-shot the negative one (chance by construction).
         """),
         code("""
-        from gistlib.evaluate import evaluate, gisting, icl, zero_shot
-        from gistlib.pipeline import compression
-        from gistlib.viz import accuracy_by_group
+        from gistlib.train.evaluate import evaluate, gisting, icl, zero_shot
+        from gistlib.course.pipeline import compression
+        from gistlib.course.viz import accuracy_by_group
 
         scores = {"zero_shot": evaluate(zero_shot(base, tok, FMT), test, tok, FMT),
                   "icl": evaluate(icl(base, tok, FMT), test, tok, FMT)}
@@ -414,7 +414,7 @@ def lesson_02():
         RESULTS["gisting_loss_first_last"] = {name: [log[0]["loss"], log[-1]["loss"]] for name, log in logs.items()}
         """),
         code("""
-        from gistlib.report import plot_tradeoff
+        from gistlib.course.report import plot_tradeoff
 
         summary = {"methods": {"icl": {"by_level": accuracy_by_group(scores["icl"].per_episode, levels)}},
                    "gist_sweep": {str(k): {"by_level": accuracy_by_group(scores[f"gisting k={k}"].per_episode, levels)}
@@ -460,7 +460,7 @@ def lesson_03():
         code(SETUP),
         code(POCKET_SETUP),
         code("""
-        from gistlib.pipeline import train_gisting
+        from gistlib.course.pipeline import train_gisting
 
         K = NUM_GIST_TOKENS or (2 if TIER == "smoke" else 16)
         steps = GISTING_STEPS or (20 if TIER == "smoke" else 400)
@@ -473,8 +473,8 @@ def lesson_03():
         """),
         code("""
         from gistlib.data import render_gisting
-        from gistlib.masks import make_gist_mask
-        from gistlib.viz import attention_maps, attention_mass, plot_attention, token_labels
+        from gistlib.core.masks import make_gist_mask
+        from gistlib.course.viz import attention_maps, attention_mass, plot_attention, token_labels
 
         test_tasks = select(suite["test"], cfg)
         episode = fixed_episodes([t for t in test_tasks if t.meta["level"] == "C2"] or test_tasks, 1, 1, seed=SEED)[0]
@@ -494,7 +494,7 @@ def lesson_03():
         ## Pick a layer and a head
         """),
         code("""
-        from gistlib.widgets import attention_widget
+        from gistlib.course.widgets import attention_widget
 
         attention_widget(attn, labels);
         """),
@@ -522,7 +522,7 @@ def lesson_03():
         the demos directly; how much of their attention goes there?
         """),
         code("""
-        from gistlib.masks import make_causal_mask
+        from gistlib.core.masks import make_causal_mask
 
         base.set_attn_implementation("eager")
         icl_row = [t for t in row if t not in GIST]  # the same sequence without the gists: an ICL prompt
@@ -571,7 +571,7 @@ def lesson_04():
         code(SETUP),
         code(POCKET_SETUP),
         code("""
-        from gistlib.hyper import HyperConfig, HyperLlama
+        from gistlib.core.hyper import HyperConfig, HyperLlama
         from transformers import LlamaForCausalLM
 
         K = NUM_GIST_TOKENS or cfg.num_gist_tokens
@@ -601,7 +601,7 @@ def lesson_04():
         The `icl_*` rows are a teacher, an addition to the paper: the same frozen base reading the demos *in
         context* before the query (`icl_rows` names the downstream row each one teaches). Besides the
         language-modelling loss on the answer, training asks the downstream model's hidden state on every query
-        token, in every layer, to point where the teacher's does (`gistlib.distill`, 1 - cosine). One answer
+        token, in every layer, to point where the teacher's does (`gistlib.core.distill`, 1 - cosine). One answer
         token gives the hypernetwork little to go on; the teacher's hidden states say what the prefix should
         make the model compute. On the pocket suite, runs trained on the answer alone mostly stayed at
         zero-shot accuracy; with the teacher, every seed tried with the course's settings learned (README, "What we
@@ -609,8 +609,8 @@ def lesson_04():
         Set `distill_weight=0` in the config to train as the paper does.
         """),
         code("""
-        from gistlib.batches import hyper_batches
-        from gistlib.viz import token_labels
+        from gistlib.data.batches import hyper_batches
+        from gistlib.course.viz import token_labels
 
         train_tasks = select(suite["train"], cfg)
         peek = next(hyper_batches(train_tasks, tok, GIST, tasks_per_batch=2, queries_per_task=2, seed=SEED,
@@ -626,7 +626,7 @@ def lesson_04():
         ## Snapshot the base, then train with a live loss plot
         Stage (a), hyperpretraining: the hypernetwork reads a stretch of text, the downstream model continues it
         from the prefix alone. Stage (b), multi-task training on the training tasks, validated on separate tasks.
-        `gistlib.train.train` calls `evaluate(hyper, step)` every `EVAL_EVERY` steps: we use it to score the
+        `gistlib.train.loop.train` calls `evaluate(hyper, step)` every `EVAL_EVERY` steps: we use it to score the
         validation tasks and redraw the loss.
         """),
         code("""
@@ -634,11 +634,11 @@ def lesson_04():
 
         from IPython.display import display
 
-        from gistlib.batches import hyperpretrain_batches
+        from gistlib.data.batches import hyperpretrain_batches
         from gistlib.data import load_pocket_corpus
-        from gistlib.evaluate import evaluate, hyper_prefixes, icl, with_prefixes, zero_shot
-        from gistlib.train import TrainConfig, train
-        from gistlib.viz import plot_loss_curves, read_metrics
+        from gistlib.train.evaluate import evaluate, hyper_prefixes, icl, with_prefixes, zero_shot
+        from gistlib.train.loop import TrainConfig, train
+        from gistlib.course.viz import plot_loss_curves, read_metrics
 
         frozen_before = {n: p.detach().clone() for n, p in hyper.base.named_parameters() if "lora_" not in n}
         trainable_before = {n: p.detach().clone() for n, p in hyper.trainable_state().items()}
@@ -723,7 +723,7 @@ def lesson_04():
 
 
 HYPER_LOAD = """
-    from gistlib.pipeline import train_hyper
+    from gistlib.course.pipeline import train_hyper
 
     K = cfg.num_gist_tokens
     t = time.perf_counter()
@@ -758,7 +758,7 @@ def lesson_05():
         code(HYPER_LOAD),
         code("""
         from gistlib.data import EpisodeSampler
-        from gistlib.evaluate import hyper_prefixes
+        from gistlib.train.evaluate import hyper_prefixes
 
         TASKS_PER_LEVEL = TASKS_PER_LEVEL or (2 if TIER == "smoke" else 4)
         test_tasks = select(suite["test"], cfg)
@@ -782,8 +782,8 @@ def lesson_05():
         ## Browse a prefix: task, layer, head, keys or values
         """),
         code("""
-        from gistlib.viz import plot_prefix_slice
-        from gistlib.widgets import prefix_widget
+        from gistlib.course.viz import plot_prefix_slice
+        from gistlib.course.widgets import prefix_widget
 
         plot_prefix_slice(prefixes, row=0, layer=0, head=0, kind="keys")
         """),
@@ -796,7 +796,7 @@ def lesson_05():
         layers fairly. The band spans the prefixes of all tasks.
         """),
         code("""
-        from gistlib.viz import plot_prefix_norms, prefix_norms
+        from gistlib.course.viz import plot_prefix_norms, prefix_norms
 
         norms = prefix_norms(prefixes)
         RESULTS["key_norm_per_layer"] = norms["keys"].mean(1).tolist()
@@ -809,7 +809,7 @@ def lesson_05():
         hypernetwork that encodes the *task* (and not the particular demos) shows blocks along the diagonal.
         """),
         code("""
-        from gistlib.viz import plot_similarity, prefix_similarity
+        from gistlib.course.viz import plot_similarity, prefix_similarity
 
         sim = prefix_similarity(prefixes)
         same = torch.tensor([[a == b for b in task_of] for a in task_of])
@@ -820,7 +820,7 @@ def lesson_05():
         plot_similarity(sim, names, title="prefix similarity (centred cosine), ordered by task")
         """),
         code("""
-        from gistlib.viz import plot_projection, project_2d
+        from gistlib.course.viz import plot_projection, project_2d
 
         points = project_2d(prefixes)
         RESULTS["projection_shape"] = list(points.shape)
@@ -837,8 +837,8 @@ def lesson_05():
         code("""
         from dataclasses import replace
 
-        from gistlib.evaluate import evaluate, with_prefixes
-        from gistlib.viz import plot_prefix_change, prefix_change, prefixes_by_demo_count
+        from gistlib.train.evaluate import evaluate, with_prefixes
+        from gistlib.course.viz import plot_prefix_change, prefix_change, prefixes_by_demo_count
 
         ep = episodes[-1]  # a task of the highest level
         counts = list(range(len(ep.demos) + 1))
@@ -862,7 +862,7 @@ def lesson_05():
         """),
         code("""
         from gistlib.data.pocket import pocket_world
-        from gistlib.widgets import format_playground, playground, playground_widget
+        from gistlib.course.widgets import format_playground, playground, playground_widget
 
         world = pocket_world()
         for i, words in enumerate(world["categories"]):
@@ -908,8 +908,8 @@ def lesson_06():
         code(POCKET_SETUP),
         code(HYPER_LOAD),
         code("""
-        from gistlib.evaluate import hyper_prefixes
-        from gistlib.pipeline import prefix_ladder
+        from gistlib.train.evaluate import hyper_prefixes
+        from gistlib.course.pipeline import prefix_ladder
 
         overrides = {"prefix_episodes": PREFIX_EPISODES or cfg.prefix_episodes,
                      "prefix_budgets": tuple(BUDGETS or cfg.prefix_budgets), "prefix_lr": PREFIX_LR or cfg.prefix_lr}
@@ -922,7 +922,7 @@ def lesson_06():
         print(f"{len(episodes)} episodes x 3 starts x {max(ladder_cfg.prefix_budgets)} steps in {time.perf_counter() - t:.0f} s")
         """),
         code("""
-        from gistlib.report import plot_prefix_ladder
+        from gistlib.course.report import plot_prefix_ladder
 
         summary = {"prefix_tuning": ladder}
         budgets = list(next(iter(ladder.values())))
@@ -997,7 +997,7 @@ def lesson_07():
 
         Goal: run the same HyperLlama code on a real checkpoint. Llama-2-7B in 4-bit NF4 (double quantisation,
         bfloat16 compute) with LoRA, gradient checkpointing and the two-phase backward fits one 16-24 GB GPU.
-        First the memory planner says what fits where; then `gistlib.recipes` trains and evaluates on real data
+        First the memory planner says what fits where; then `gistlib.course.recipes` trains and evaluates on real data
         (P3, Super-NaturalInstructions or Symbol Tuning). **In the smoke and pocket tiers this notebook runs the
         identical code on a tiny random Llama quantised to 4-bit on the CPU** (bitsandbytes runs 4-bit on a CPU):
         the numbers then test the plumbing, not the method. Set `TIER = "llama2"` on a GPU for the real run.
@@ -1006,7 +1006,7 @@ def lesson_07():
         TIER: str = "pocket"  # smoke | pocket: a tiny 4-bit model on the CPU; llama2: MODEL on a GPU
         SEED: int = 0
         MODEL: str = "meta-llama/Llama-2-7b-hf"  # llama2 tier: any Llama-architecture checkpoint (name or folder)
-        RECIPE: str = "symbol"  # p3 | sni | symbol (gistlib.recipes)
+        RECIPE: str = "symbol"  # p3 | sni | symbol (gistlib.course.recipes)
         STEPS: int = 0  # training steps; 0: llama2 the recipe's (5000), pocket 40, smoke the tiny recipe's (3)
         RUN_DIR: str = "runs"
         THREADS: int = 0  # torch threads (0: leave as is)
@@ -1022,7 +1022,7 @@ def lesson_07():
         code("""
         from IPython.display import Markdown, display
 
-        from gistlib.memory import LLAMA2_13B, LLAMA2_7B, estimate_memory, planner_table
+        from gistlib.models.memory import LLAMA2_13B, LLAMA2_7B, estimate_memory, planner_table
 
         display(Markdown(planner_table([LLAMA2_7B, LLAMA2_13B])))
         est = estimate_memory(LLAMA2_7B)
@@ -1038,7 +1038,7 @@ def lesson_07():
         code("""
         from dataclasses import replace
 
-        from gistlib.recipes import (build_tiny_checkpoint, format_result, get_recipe, load_recipe_tasks, run_recipe,
+        from gistlib.course.recipes import (build_tiny_checkpoint, format_result, get_recipe, load_recipe_tasks, run_recipe,
                                      task_texts, tiny_recipe)
 
         OUT = ROOT / RUN_DIR / TIER / f"lesson07-{RECIPE}"
@@ -1059,7 +1059,7 @@ def lesson_07():
               f"k={recipe.hyper.num_gist_tokens}, {recipe.train.steps} steps")
         """),
         code("""
-        from gistlib.loading import load_llama
+        from gistlib.models.loading import load_llama
 
         if TIER != "llama2":  # look inside the 4-bit model before training (a 7B model is loaded once, by the recipe)
             import bitsandbytes as bnb
@@ -1077,7 +1077,7 @@ def lesson_07():
         md("""
         ## Train and evaluate
         `run_recipe` loads the model with `load_llama`, wraps it as a HyperLlama (LoRA, gist table), trains with
-        `gistlib.train.train` (checkpoints, resume) and evaluates on held-out tasks. `check_frozen` compares every
+        `gistlib.train.loop.train` (checkpoints, resume) and evaluates on held-out tasks. `check_frozen` compares every
         base tensor, the quantised ones included, before and after (cheap for the tiny model only).
         """),
         code("""
@@ -1096,14 +1096,14 @@ def lesson_07():
         RESULTS["steps"] = len(result["train"])
         """),
         code("""
-        from gistlib.viz import plot_loss_curves
+        from gistlib.course.viz import plot_loss_curves
 
         plot_loss_curves({recipe.name: result["train"]}, title=f"{recipe.name} recipe, {Path(recipe.model).name}")
         """),
         md("""
         **Take-away.** Nothing in the HyperLlama code knows whether the base is a 1M-parameter toy or a 4-bit
         7B model: the tiers differ in the checkpoint and the sizes. On a GPU, `TIER="llama2"` trains the real thing
-        for hours; `python -m gistlib.memory` prints the planner for other settings.
+        for hours; `python -m gistlib.models.memory` prints the planner for other settings.
         """),
         code(SAVE),
     ]

@@ -24,14 +24,14 @@ def _seed():
 @pytest.fixture(scope="session")
 def tiny_models():
     """The same random tiny Llama (GQA: 4 query heads, 2 kv heads) under eager and sdpa attention."""
-    from gistlib.models import build_tiny_llama
+    from gistlib.models.tiny import build_tiny_llama
 
     return {impl: build_tiny_llama(vocab_size=VOCAB, attn_implementation=impl, seed=0) for impl in ("eager", "sdpa")}
 
 
 def small_pocket_model(tokenizer, seed: int, **sizes):
     """A 2-layer Llama over a pocket tokenizer, init std 0.2 so random weights give varied scores."""
-    from gistlib.models import build_tiny_llama
+    from gistlib.models.tiny import build_tiny_llama
 
     settings = dict(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64)
     settings.update(initializer_range=0.2, **sizes)

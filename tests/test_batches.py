@@ -2,9 +2,9 @@
 
 import torch
 
-from gistlib.batches import gisting_batches, hyper_batches, hyperpretrain_batches, icl_batches, render_icl_dense
 from gistlib.data import COMPACT, Episode, Example, load_pocket_suite, pocket_tokenizer, render_icl
-from gistlib.models import gist_token_ids
+from gistlib.data.batches import gisting_batches, hyper_batches, hyperpretrain_batches, icl_batches, render_icl_dense
+from gistlib.models.tiny import gist_token_ids
 
 TOK = pocket_tokenizer(4)
 GIST = gist_token_ids(TOK)
@@ -42,7 +42,7 @@ def test_dense_labels_cover_every_demo_output():
 
 def test_hyperpretrain_segments_continue_the_context():
     docs = ["a b c d e f g h i j k l m n o p".replace(" ", " ")] * 3
-    from gistlib.models import build_tokenizer
+    from gistlib.models.tiny import build_tokenizer
 
     tok = build_tokenizer(docs, 2, kind="word")
     b = next(hyperpretrain_batches(docs, tok, gist_token_ids(tok), 2, context_tokens=5, continuation_tokens=3))

@@ -15,7 +15,7 @@ from gistlib.data import (
     write_pocket_suite,
 )
 from gistlib.data.pocket import DEFAULT_DIR, SPLITS, apply_transform, pocket_words_by_id
-from gistlib.models import gist_token_ids
+from gistlib.models.tiny import gist_token_ids
 
 
 @pytest.fixture(scope="module")

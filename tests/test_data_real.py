@@ -41,8 +41,9 @@ def test_sni_splits_and_tasks():
     train, test = load_sni_split("train"), load_sni_split("test")
     assert len(train) == 756 and len(test) == 119 and not set(train) & set(test)
     tasks, missing = load_sni_tasks("test")
-    assert {t.name for t in tasks} == {"task1393_superglue_copa_text_completion", "task648_answer_generation"}
-    assert len(missing) == 117
+    on_disk = {f.stem for f in (DATA / "sni" / "tasks").glob("*.json")}
+    assert {t.name for t in tasks} == on_disk & set(test) and len(tasks) >= 2
+    assert len(missing) == 119 - len(tasks)
     for t in tasks:
         assert len(t.examples) == 100 and len(t.fixed_demos) >= 2 and t.definition
     copa = next(t for t in tasks if t.name.startswith("task1393"))
@@ -243,7 +244,7 @@ def test_symbols_never_equal_label_words():
 
 @needs_data
 def test_symbol_episode_renders_from_real_data():
-    from gistlib.models import build_tokenizer
+    from gistlib.models.tiny import build_tokenizer
 
     trec = read_trec("test")
     ep = symbol_episode(trec, 1, 1, random.Random(0))

@@ -24,7 +24,7 @@ from gistlib.data import (
     render_icl,
     render_icl_prompt,
 )
-from gistlib.models import build_tokenizer, gist_token_ids
+from gistlib.models.tiny import build_tokenizer, gist_token_ids
 
 CORPUS = [
     "\nInput:\nthe cat sat on the mat\nOutput:\npositive\n",

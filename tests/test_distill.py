@@ -7,10 +7,10 @@ import torch.nn.functional as F
 from conftest import PAD
 from test_hyper import make_hyper, perturb_lora, toy_batch, toy_teacher
 
-from gistlib.batches import hyper_batches
+from gistlib.core.distill import hidden_cosine_loss, suffix_alignment, teacher_hidden_states
 from gistlib.data import load_pocket_suite, pocket_tokenizer
-from gistlib.distill import hidden_cosine_loss, suffix_alignment, teacher_hidden_states
-from gistlib.models import build_tiny_llama, gist_token_ids
+from gistlib.data.batches import hyper_batches
+from gistlib.models.tiny import build_tiny_llama, gist_token_ids
 
 TOK = pocket_tokenizer(4)
 
@@ -90,7 +90,7 @@ def test_distillation_changes_the_gradient_and_weight_zero_switches_it_off():
 
 def test_the_training_loop_feeds_teacher_rows_with_the_configured_weight(tmp_path):
     """`train` hands teacher rows to the trainee with `TrainConfig.distill_weight`; weight 0 = no teacher."""
-    from gistlib.train import TrainConfig, train
+    from gistlib.train.loop import TrainConfig, train
 
     def stream(teacher: bool):
         while True:

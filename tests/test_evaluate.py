@@ -3,10 +3,10 @@
 import torch
 from conftest import small_pocket_model
 
+from gistlib.core.lm import LMTrainee
 from gistlib.data import COMPACT, Episode, Example, answer_ids, pocket_tokenizer, render_icl_prompt
-from gistlib.evaluate import bootstrap_interval, evaluate, gist_prefixes, icl, with_prefixes, zero_shot
-from gistlib.lm import LMTrainee
-from gistlib.models import build_tiny_llama, gist_token_ids
+from gistlib.models.tiny import build_tiny_llama, gist_token_ids
+from gistlib.train.evaluate import bootstrap_interval, evaluate, gist_prefixes, icl, with_prefixes, zero_shot
 
 TOK = pocket_tokenizer(4)
 WORDS = ["fama", "muso", "lufu", "bado", "kepi", "rasu"]
@@ -67,7 +67,7 @@ def test_gisting_by_gist_caching_equals_the_single_sequence():
             for q in ep.queries
         ]
         qb = collate(q_rows, TOK.pad_token_id)
-        from gistlib.scoring import sequence_logprobs
+        from gistlib.core.scoring import sequence_logprobs
 
         cached = sequence_logprobs(method.logits(torch.tensor([e] * len(q_rows)), qb), qb["labels"])[0]
         torch.testing.assert_close(cached, single, atol=1e-4, rtol=1e-4)

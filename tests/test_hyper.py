@@ -4,9 +4,9 @@ import pytest
 import torch
 from conftest import GIST_IDS, PAD
 
-from gistlib.hyper import HyperConfig, HyperLlama
-from gistlib.models import build_tiny_llama
-from gistlib.prefix import extract_prefix, forward_with_prefix
+from gistlib.core.hyper import HyperConfig, HyperLlama
+from gistlib.core.prefix import extract_prefix, forward_with_prefix
+from gistlib.models.tiny import build_tiny_llama
 
 K = len(GIST_IDS)
 

@@ -1,4 +1,4 @@
-"""gistlib.loading on the CPU: 4-bit nf4 loading of a saved tiny Llama, frozen-ness, and each error."""
+"""gistlib.models.loading on the CPU: 4-bit nf4 loading of a saved tiny Llama, frozen-ness, and each error."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torch
 from huggingface_hub import errors as hub_errors
 from transformers import GPT2Config
 
-from gistlib import loading
-from gistlib.loading import (
+from gistlib.models import loading
+from gistlib.models.loading import (
     CheckpointNotFoundError,
     CudaRequiredError,
     GatedCheckpointError,
@@ -21,7 +21,7 @@ from gistlib.loading import (
     load_llama,
     quantization_config,
 )
-from gistlib.models import build_tiny_llama
+from gistlib.models.tiny import build_tiny_llama
 
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

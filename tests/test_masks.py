@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gistlib import masks
-from gistlib.masks import (
+from gistlib.core import masks
+from gistlib.core.masks import (
     make_causal_mask,
     make_gist_mask,
     mask_to_string,

@@ -1,4 +1,4 @@
-"""gistlib.memory: exact parameter counts, nf4 bytes against a loaded model, estimate vs measured step peak."""
+"""gistlib.models.memory: exact parameter counts, nf4 bytes against a loaded model, estimate vs measured step peak."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import bitsandbytes as bnb
 import pytest
 import torch
 
-from gistlib import memory
-from gistlib.memory import (
+from gistlib.models import memory
+from gistlib.models.memory import (
     LLAMA2_7B,
     LLAMA2_13B,
     GiB,
@@ -19,7 +19,7 @@ from gistlib.memory import (
     planner_table,
     weight_bytes,
 )
-from gistlib.models import build_tiny_llama, count_parameters
+from gistlib.models.tiny import build_tiny_llama, count_parameters
 
 # Measured peaks need the estimate within this factor either way (measured ratios: 1.01 to 1.13).
 AGREEMENT_FACTOR = 1.25
@@ -43,7 +43,7 @@ def test_from_config_and_lora_count_match_real_models():
 
 
 def test_nf4_weight_bytes_match_a_loaded_4bit_model(tmp_path):
-    from gistlib.loading import load_llama
+    from gistlib.models.loading import load_llama
 
     build_tiny_llama(hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=2).save_pretrained(
         tmp_path

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from gistlib.models import build_tiny_llama, build_tokenizer, count_parameters, gist_token_ids
+from gistlib.models.tiny import build_tiny_llama, build_tokenizer, count_parameters, gist_token_ids
 
 CORPUS = ["the cat sat on the mat\nInput:\nhello world\nOutput:\nfoo bar", "a dog ran far away from the cat"] * 10
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from gistlib.pipeline import PocketConfig, run_pocket, tier_config
+from gistlib.course.pipeline import PocketConfig, run_pocket, tier_config
 
 METHODS = ("zero_shot", "icl", "gisting", "hyperllama")
 STARTS = ("prefix_tuning_random", "prefix_tuning_vocab", "prefix_tuning_hyperllama")
@@ -94,7 +94,7 @@ def test_cached_models_of_another_base_are_refused(smoke, tmp_path):
     import shutil
     from pathlib import Path
 
-    from gistlib.pipeline import check_cache_base
+    from gistlib.course.pipeline import check_cache_base
 
     cfg, _ = smoke
     cache = Path(cfg.cache_dir)
@@ -113,7 +113,7 @@ def test_vocab_start_tokens_do_not_depend_on_the_process():
     import subprocess
     import sys
 
-    code = "from gistlib.data import pocket_tokenizer; from gistlib.pipeline import word_ids_of; "
+    code = "from gistlib.data import pocket_tokenizer; from gistlib.course.pipeline import word_ids_of; "
     code += "print(word_ids_of(pocket_tokenizer(16)))"
     outs = {
         subprocess.run(
@@ -130,7 +130,7 @@ def test_cached_hyperllama_of_other_settings_is_refused(smoke, tmp_path):
     from dataclasses import replace
     from pathlib import Path
 
-    from gistlib.pipeline import HYPER_SETTINGS, check_run_settings
+    from gistlib.course.pipeline import HYPER_SETTINGS, check_run_settings
 
     cfg, _ = smoke
     run = Path(cfg.cache_dir) / f"hyper-k{cfg.num_gist_tokens}-s{cfg.seeds[0]}"

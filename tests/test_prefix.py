@@ -4,8 +4,8 @@ import pytest
 import torch
 from conftest import GIST_IDS, PAD
 
-from gistlib.masks import make_causal_mask, make_gist_mask, to_additive
-from gistlib.prefix import (
+from gistlib.core.masks import make_causal_mask, make_gist_mask, to_additive
+from gistlib.core.prefix import (
     Prefix,
     extract_prefix,
     forward_with_mask,
@@ -172,7 +172,7 @@ def test_demos_reach_the_query_only_through_the_gists(tiny_models, mask_kind):
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
 def test_peft_prefix_tuning_gives_the_same_logits(impl):
-    from gistlib.models import build_tiny_llama
+    from gistlib.models.tiny import build_tiny_llama
 
     model = build_tiny_llama(vocab_size=64, attn_implementation=impl, seed=1)  # PEFT wraps it: own copy
     rows = random_rows([5, 12])

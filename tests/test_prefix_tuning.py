@@ -3,9 +3,9 @@
 import torch
 from conftest import small_pocket_model
 
+from gistlib.core.prefix import Prefix
 from gistlib.data import COMPACT, Episode, Example, pocket_tokenizer
-from gistlib.prefix import Prefix
-from gistlib.prefix_tuning import random_prefix, tune_prefixes, vocab_prefix
+from gistlib.train.prefix_tuning import random_prefix, tune_prefixes, vocab_prefix
 
 TOK = pocket_tokenizer(4)
 
@@ -40,7 +40,7 @@ def test_batched_tuning_equals_one_episode_at_a_time():
 
 
 def test_tuning_lowers_the_demo_loss():
-    from gistlib.prefix_tuning import _episode_losses, demo_rows
+    from gistlib.train.prefix_tuning import _episode_losses, demo_rows
 
     m = model()
     eps = episodes()

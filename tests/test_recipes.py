@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gistlib.data import LoadReport, shared_data_dir
-from gistlib.recipes import (
+from gistlib.course.recipes import (
     RECIPES,
     Recipe,
     build_tiny_checkpoint,
@@ -22,6 +21,7 @@ from gistlib.recipes import (
     task_texts,
     tiny_recipe,
 )
+from gistlib.data import LoadReport, shared_data_dir
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DATA = shared_data_dir()
@@ -74,13 +74,12 @@ def test_tasks_load_from_the_shared_folder():
     assert {t.meta["dataset"] for t in load_recipe_tasks(p3, "train")} == {"super_glue/boolq", "super_glue/multirc"}
     sym = load_recipe_tasks(get_recipe("symbol"), "eval")
     assert [t.name for t in sym] == ["cb", "rte"]
-    # the official SNI train tasks are not in the small shared copy: a clear error, the count in the report
+    # the shared copy holds some of the official SNI tasks: the missing ones are counted in the report
     report = LoadReport()
-    with pytest.raises(ValueError, match="no train tasks found"):
-        load_recipe_tasks(get_recipe("sni"), "train", report)
-    assert "756 task files missing" in report.skipped[0]
+    train = load_recipe_tasks(get_recipe("sni"), "train", report)
+    assert train and f"{756 - len(train)} task files missing" in report.skipped[0]
     test = load_recipe_tasks(get_recipe("sni"), "eval")
-    assert len(test) == 2 and all(t.definition and len(t.fixed_demos) >= 2 for t in test)
+    assert len(test) >= 2 and all(t.definition and len(t.fixed_demos) >= 2 for t in test)
 
 
 @pytest.fixture(scope="module")

@@ -4,10 +4,10 @@ import pytest
 import torch
 from conftest import GIST_IDS, PAD, VOCAB
 
-from gistlib.hyper import HyperConfig, HyperLlama
-from gistlib.models import build_tiny_llama
-from gistlib.prefix import Prefix, forward_with_prefix, generate_with_prefix
-from gistlib.scoring import sequence_logprobs
+from gistlib.core.hyper import HyperConfig, HyperLlama
+from gistlib.core.prefix import Prefix, forward_with_prefix, generate_with_prefix
+from gistlib.core.scoring import sequence_logprobs
+from gistlib.models.tiny import build_tiny_llama
 from gistlib.serve import PrefixStore, UnknownTaskError, read_store_metadata
 
 TOL = 1e-5

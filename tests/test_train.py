@@ -6,9 +6,9 @@ import pytest
 import torch
 from conftest import GIST_IDS
 
-from gistlib.hyper import HyperConfig, HyperLlama
-from gistlib.models import build_tiny_llama
-from gistlib.train import TrainConfig, latest_checkpoint, lr_factor, train
+from gistlib.core.hyper import HyperConfig, HyperLlama
+from gistlib.models.tiny import build_tiny_llama
+from gistlib.train.loop import TrainConfig, latest_checkpoint, lr_factor, train
 
 
 def signal_batches(seed=0, batch=8):

@@ -8,12 +8,12 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from conftest import GIST_IDS, PAD  # noqa: E402
 
-from gistlib import viz  # noqa: E402
+from gistlib.core.hyper import HyperConfig, HyperLlama  # noqa: E402
+from gistlib.core.masks import make_causal_mask, make_gist_mask, negative_control_mask  # noqa: E402
+from gistlib.core.prefix import Prefix  # noqa: E402
+from gistlib.course import viz  # noqa: E402
 from gistlib.data import COMPACT, Episode, Example, pocket_tokenizer  # noqa: E402
-from gistlib.hyper import HyperConfig, HyperLlama  # noqa: E402
-from gistlib.masks import make_causal_mask, make_gist_mask, negative_control_mask  # noqa: E402
-from gistlib.models import build_tiny_llama, gist_token_ids  # noqa: E402
-from gistlib.prefix import Prefix  # noqa: E402
+from gistlib.models.tiny import build_tiny_llama, gist_token_ids  # noqa: E402
 
 # [BOS] a b c G G q r, and a second row with one left pad
 ROWS = torch.tensor([[1, 5, 6, 7, 60, 61, 8, 9], [PAD, 1, 5, 6, 60, 61, 8, 9]])
@@ -162,7 +162,7 @@ def _hyper_row(hyper, ep, tok):
 
 
 def test_playground_table(pocket_hyper):
-    from gistlib.widgets import format_playground, parse_demos, playground
+    from gistlib.course.widgets import format_playground, parse_demos, playground
 
     hyper, tok = pocket_hyper
     symbols = sorted(w for w in tok.get_vocab() if w.isupper() and w.isalpha() and len(w) == 2)[:2]

@@ -257,7 +257,7 @@ def pocket_vocabulary(seed: int = 0) -> list[str]:
 
 def pocket_tokenizer(num_gist_tokens: int = 16, seed: int = 0):
     """A word-level tokenizer over the full suite vocabulary (deterministic ids: specials, then sorted words)."""
-    from gistlib.models import build_tokenizer
+    from gistlib.models.tiny import build_tokenizer
 
     vocab = pocket_vocabulary(seed)
     # one occurrence of each word: the trainer then orders them by its (deterministic) tie rule

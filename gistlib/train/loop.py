@@ -2,7 +2,7 @@
 
 It trains any *trainee*: an `nn.Module` with `loss_and_backward(**batch, loss_scale=...)`,
 `save_pretrained(path)` and `load_trainable(path)`. Two exist: `HyperLlama` (the hypernetwork) and
-`gistlib.lm.LMTrainee` (a whole causal LM under a causal or gist mask: the pocket base, Gisting).
+`gistlib.core.lm.LMTrainee` (a whole causal LM under a causal or gist mask: the pocket base, Gisting).
 
     for each step:   for each of `grad_accum` micro-batches:  loss_and_backward(batch, 1/grad_accum)
                      all-reduce gradients across processes (mean)     # identical on every rank

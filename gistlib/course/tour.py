@@ -9,9 +9,9 @@ import time
 
 import torch
 
-from gistlib.masks import make_gist_mask, mask_to_string
-from gistlib.models import build_tiny_llama, build_tokenizer, count_parameters, gist_token_ids
-from gistlib.prefix import extract_prefix, forward_with_mask, forward_with_prefix, positions_from_mask
+from gistlib.core.masks import make_gist_mask, mask_to_string
+from gistlib.core.prefix import extract_prefix, forward_with_mask, forward_with_prefix, positions_from_mask
+from gistlib.models.tiny import build_tiny_llama, build_tokenizer, count_parameters, gist_token_ids
 
 CORPUS = [
     "translate to french: cat -> chat, dog -> chien, house -> maison",

@@ -11,7 +11,7 @@ sequence `[demos][gists][query]`. That is why gist caching is exact and why a ba
 Shapes: `n` layers, `B` rows, `H` key/value heads (GQA: fewer than query heads), `k` gist tokens,
 `hd` head dim. A `Prefix` holds `keys`, `values`: (n, B, H, k, hd).
 
-The boolean masks from `gistlib.masks` become additive float masks in one place only:
+The boolean masks from `gistlib.core.masks` become additive float masks in one place only:
 `forward_with_mask`.
 """
 
@@ -24,7 +24,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 from transformers.models.llama.modeling_llama import rotate_half
 
-from gistlib.masks import gist_span, make_gist_mask, to_additive
+from gistlib.core.masks import gist_span, make_gist_mask, to_additive
 
 __all__ = [
     "Prefix",

@@ -250,7 +250,7 @@ def check_llama_config(config: PretrainedConfig) -> None:
         raise NotLlamaError(
             "The checkpoint is not Llama-shaped: " + "; ".join(problems) + ". gistlib needs a decoder-only "
             "Llama architecture (RoPE, q/k/v/o attention projections, gate/up/down SwiGLU MLP), e.g. "
-            "Llama-2, TinyLlama, or a model built by gistlib.models.build_tiny_llama. Fix: pick such a checkpoint."
+            "Llama-2, TinyLlama, or a model built by gistlib.models.tiny.build_tiny_llama. Fix: pick such a checkpoint."
         )
 
 
@@ -282,7 +282,7 @@ def check_llama_modules(model: torch.nn.Module) -> None:
 
 
 def out_of_memory_message(stage: str, quantization: str | None, gradient_checkpointing: bool) -> str:
-    """What to lower, in the order that saves the most (see `python -m gistlib.memory`)."""
+    """What to lower, in the order that saves the most (see `python -m gistlib.models.memory`)."""
     steps = []
     if quantization != "nf4":
         steps.append(f"quantization='nf4' (now {quantization!r}; 4-bit weights take ~0.52 byte/param)")
@@ -296,7 +296,7 @@ def out_of_memory_message(stage: str, quantization: str | None, gradient_checkpo
     return (
         f"Out of memory while {stage}. Lower, in this order: "
         + "; ".join(f"({i + 1}) {s}" for i, s in enumerate(steps))
-        + ". `python -m gistlib.memory` estimates what fits on your card."
+        + ". `python -m gistlib.models.memory` estimates what fits on your card."
     )
 
 

@@ -151,7 +151,7 @@ def hyper_episode_batches(
 
     teacher_queries: for the first this many queries of each task, also the in-context row
     `[BOS] demos query answer` (`icl_input_ids`, `icl_attention_mask`: (R, Lt) right padded) and
-    `icl_rows` (R,), the downstream row each teaches (`gistlib.distill`). 0: none.
+    `icl_rows` (R,), the downstream row each teaches (`gistlib.core.distill`). 0: none.
     """
     while True:
         hyper_rows, down_rows, index, icl, icl_rows = [], [], [], [], []

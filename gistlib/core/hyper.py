@@ -13,8 +13,8 @@ into the LoRA weights, the gist embeddings and the prefix head. Nothing else cha
 
 The gist embeddings live in their own small table (k, d): the vocabulary embedding stays frozen and
 need not even contain the gist ids. Training passes prefix and gist capture through attention kwargs
-(`gistlib.attention`), so it works with gradient checkpointing (which turns the KV cache off);
-inference can use the cache path of `gistlib.prefix` as well, and tests show both agree.
+(`gistlib.core.attention`), so it works with gradient checkpointing (which turns the KV cache off);
+inference can use the cache path of `gistlib.core.prefix` as well, and tests show both agree.
 """
 
 from __future__ import annotations
@@ -30,11 +30,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
 
-from gistlib.attention import use_gistlib_attention
 from gistlib.config import check_fields
-from gistlib.distill import hidden_cosine_loss, teacher_hidden_states
-from gistlib.masks import make_gist_mask
-from gistlib.prefix import (
+from gistlib.core.attention import use_gistlib_attention
+from gistlib.core.distill import hidden_cosine_loss, teacher_hidden_states
+from gistlib.core.masks import make_gist_mask
+from gistlib.core.prefix import (
     Prefix,
     canonical_prefix,
     forward_with_mask,
@@ -43,7 +43,7 @@ from gistlib.prefix import (
     positions_from_mask,
     prefixed_causal_mask,
 )
-from gistlib.scoring import sequence_logprobs, token_loss
+from gistlib.core.scoring import sequence_logprobs, token_loss
 
 __all__ = ["HyperConfig", "PrefixHead", "HyperLlama"]
 
@@ -250,7 +250,7 @@ class HyperLlama(nn.Module):
         """(loss to minimise, language-modelling loss). Without teacher rows the two are the same.
 
         prefix: one per downstream row. icl_*: (R, Lt) teacher rows `[BOS] demos x y`, right padded;
-        icl_rows (R,) says which downstream row each one teaches (see `gistlib.distill`).
+        icl_rows (R,) says which downstream row each one teaches (see `gistlib.core.distill`).
         """
         teach = icl_input_ids is not None and distill_weight > 0
         out = self._downstream(prefix, input_ids, attention_mask, hidden=teach)
@@ -282,7 +282,7 @@ class HyperLlama(nn.Module):
         hyper_*: (T, Lh), one row per task. input_ids, attention_mask, labels: (B, L) downstream rows;
         `task_index` (B,) says which task row each downstream row belongs to (default: row b -> task b).
         icl_*: optional teacher rows (R, Lt) for ICL distillation, `icl_rows` (R,) their downstream rows;
-        the loss is then LM + distill_weight * distill (`gistlib.distill`).
+        the loss is then LM + distill_weight * distill (`gistlib.core.distill`).
         With gradient checkpointing on, use `loss_and_backward` (see there why).
         """
         if self.base.is_activation_checkpointing and self.training and torch.is_grad_enabled():

@@ -3,7 +3,7 @@
 A mask here is a boolean tensor `[B, 1, L, L]`: `mask[b, 0, i, j]` is True where query `i` may
 attend key `j`. It already combines causality, padding and the gist rule, so a model needs nothing
 else. `to_additive` turns it into the float mask (0 / finfo.min) that attention adds to its scores;
-`gistlib.prefix.forward_with_mask` is the one place where that happens.
+`gistlib.core.prefix.forward_with_mask` is the one place where that happens.
 
 The gist rule (Mu et al. 2023), for a row whose gist tokens span positions `[f, l]`:
 

@@ -1,6 +1,6 @@
 """A memory planner for HyperLlama training on one GPU, and a tensor-memory meter to check it.
 
-    python -m gistlib.memory          # the planner table for Llama-2 7B/13B on 8/12/16/24 GB cards
+    python -m gistlib.models.memory          # the planner table for Llama-2 7B/13B on 8/12/16/24 GB cards
 
 The planner adds up, in bytes (formulas in the docstring of each function):
 
@@ -12,7 +12,7 @@ for one HyperLlama training step: a hypernetwork pass (base + LoRA on q,k,v,o,ga
 
 Conventions. Sizes: d = hidden, L = layers, H = heads, d_kv = kv_heads * d / H, f = intermediate,
 V = vocab, B = batch, r = LoRA rank, k = gist tokens, T_h = hyper_len, T_d = down_len.
-`act` = bytes per activation element: 4 for what `gistlib.loading.load_llama` gives (k-bit
+`act` = bytes per activation element: 4 for what `gistlib.models.loading.load_llama` gives (k-bit
 preparation upcasts the embeddings to float32, so the residual stream, the norms, the LoRA paths
 and the attention all run in float32; only the 4-bit matmuls compute in bfloat16), 2 under bf16
 autocast. GiB = 2**30 bytes; a "16 GB" card is taken as 16 GiB.
@@ -451,7 +451,7 @@ def measure_base_lora_step(
     """
     from peft import LoraConfig, get_peft_model
 
-    from gistlib.models import build_tiny_llama
+    from gistlib.models.tiny import build_tiny_llama
 
     model = build_tiny_llama(
         vocab_size=shape.vocab, hidden_size=shape.hidden, num_layers=shape.layers, num_heads=shape.heads,

@@ -24,11 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gistlib.data import Episode, Example, RenderFormat, collate, render_downstream_prompt, render_icl_prompt
-from gistlib.data.metrics import exact_match, rouge_l
-from gistlib.data.render import answer_ids, query_ids, render_hyper_input
-from gistlib.masks import make_causal_mask
-from gistlib.prefix import (
+from gistlib.core.masks import make_causal_mask
+from gistlib.core.prefix import (
     Prefix,
     extract_prefix,
     forward_with_mask,
@@ -36,7 +33,10 @@ from gistlib.prefix import (
     generate_with_prefix,
     positions_from_mask,
 )
-from gistlib.scoring import sequence_logprobs
+from gistlib.core.scoring import sequence_logprobs
+from gistlib.data import Episode, Example, RenderFormat, collate, render_downstream_prompt, render_icl_prompt
+from gistlib.data.metrics import exact_match, rouge_l
+from gistlib.data.render import answer_ids, query_ids, render_hyper_input
 
 __all__ = [
     "Method",

@@ -1,4 +1,4 @@
-"""A whole causal LM as a trainee of `gistlib.train`: the pocket base (causal mask) and Gisting (gist mask).
+"""A whole causal LM as a trainee of `gistlib.train.loop`: the pocket base (causal mask) and Gisting (gist mask).
 
 Gisting (Mu et al. 2023) is the single-model special case of HyperLlama: one sequence
 `[BOS] demos G_1..G_k query answer` under the gist mask, every weight trained, so the model learns to
@@ -16,9 +16,9 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import PreTrainedModel
 
-from gistlib.masks import make_causal_mask, make_gist_mask
-from gistlib.prefix import forward_with_mask, positions_from_mask
-from gistlib.scoring import sequence_logprobs, token_loss
+from gistlib.core.masks import make_causal_mask, make_gist_mask
+from gistlib.core.prefix import forward_with_mask, positions_from_mask
+from gistlib.core.scoring import sequence_logprobs, token_loss
 
 __all__ = ["LMTrainee"]
 

@@ -19,9 +19,9 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from gistlib.core.masks import make_causal_mask
+from gistlib.core.prefix import Prefix, forward_with_mask, forward_with_prefix, positions_from_mask
 from gistlib.data import Episode, RenderFormat, collate, render_downstream
-from gistlib.masks import make_causal_mask
-from gistlib.prefix import Prefix, forward_with_mask, forward_with_prefix, positions_from_mask
 
 __all__ = ["random_prefix", "vocab_prefix", "demo_rows", "tune_prefixes"]
 

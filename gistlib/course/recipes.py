@@ -48,8 +48,8 @@ from pathlib import Path
 
 import torch
 
-from gistlib.batches import hyper_batches, hyper_episode_batches
 from gistlib.config import check_fields
+from gistlib.core.hyper import HyperConfig, HyperLlama
 from gistlib.data import (
     VERBOSE,
     Episode,
@@ -62,6 +62,7 @@ from gistlib.data import (
     rouge_l,
     shared_data_dir,
 )
+from gistlib.data.batches import hyper_batches, hyper_episode_batches
 from gistlib.data.p3 import build_p3_task, load_templates, read_raw_rows
 from gistlib.data.render import (
     answer_ids,
@@ -73,8 +74,7 @@ from gistlib.data.render import (
 )
 from gistlib.data.sni import load_sni_split, load_sni_task, sni_dir, sni_episode
 from gistlib.data.symbol import read_nli_jsonl, read_sst2, read_trec, symbol_episodes
-from gistlib.hyper import HyperConfig, HyperLlama
-from gistlib.train import TrainConfig, train
+from gistlib.train.loop import TrainConfig, train
 
 __all__ = [
     "Recipe",
@@ -89,7 +89,7 @@ __all__ = [
     "main_recipe",
 ]
 
-log = logging.getLogger("gistlib.recipes")
+log = logging.getLogger("gistlib.course.recipes")
 
 T0_HELD_OUT = (
     "super_glue/cb",
@@ -125,7 +125,7 @@ class Recipe:
     kind: str = "p3"  # p3 | sni | symbol: which loaders, episodes and metric
     # --- model
     model: str = "meta-llama/Llama-2-7b-hf"  # HF name or local folder (Llama architecture, with tokenizer)
-    quantization: str | None = "nf4"  # nf4 | int8 | None (see gistlib.loading)
+    quantization: str | None = "nf4"  # nf4 | int8 | None (see gistlib.models.loading)
     gradient_checkpointing: bool = True
     # --- data
     data_root: str | None = None  # None: gistlib.data.shared_data_dir()
@@ -432,8 +432,8 @@ def build_hyper(recipe: Recipe, device_map=None):
     tokenizer (HyperLlama keeps their embeddings in its own table: no vocabulary resize)."""
     from transformers import AutoTokenizer
 
-    from gistlib.loading import load_llama
-    from gistlib.models import add_gist_tokens
+    from gistlib.models.loading import load_llama
+    from gistlib.models.tiny import add_gist_tokens
 
     tokenizer = AutoTokenizer.from_pretrained(recipe.model)
     gist_ids = add_gist_tokens(tokenizer, recipe.hyper.num_gist_tokens)[: recipe.hyper.num_gist_tokens]
@@ -458,7 +458,7 @@ def build_tiny_checkpoint(
     """A random tiny Llama and a byte-level BPE tokenizer trained on `texts`, saved to `path`
     (loadable with `load_llama(path, quantization="nf4")`). Hidden and MLP sizes are multiples of 64,
     the 4-bit block size."""
-    from gistlib.models import build_tiny_llama, build_tokenizer
+    from gistlib.models.tiny import build_tiny_llama, build_tokenizer
 
     tokenizer = build_tokenizer(texts, num_gist_tokens, kind="bpe", vocab_size=vocab_size)
     model = build_tiny_llama(

@@ -4,18 +4,18 @@ Each picture has two halves, so that tests can check the numbers and notebooks c
 
     analysis (tensors in, tensors out)          picture (figure out)
     ----------------------------------          --------------------
-    mask from gistlib.masks                     plot_mask(mask, labels)
+    mask from gistlib.core.masks                     plot_mask(mask, labels)
     attention_maps(model, ids, mask)            plot_attention(attn, layer, head, labels)
     prefix_norms(prefix)                        plot_prefix_norms(prefix)
     prefix_vectors / prefix_similarity          plot_similarity(sim, labels)
     project_2d(prefix)                          plot_projection(points, groups)
     prefix_slice(prefix, row, layer, head, kv)  plot_prefix_slice(prefix, row, layer, head, kv)
     prefixes_by_demo_count / prefix_change      plot_prefix_change(change, demo_counts)
-    metrics records (gistlib.train)             plot_loss_curves({name: records})
+    metrics records (gistlib.train.loop)             plot_loss_curves({name: records})
 
-`gistlib.widgets` wraps these in ipywidgets; notebooks call each plain function once before wrapping
+`gistlib.course.widgets` wraps these in ipywidgets; notebooks call each plain function once before wrapping
 it (an exception inside a widget callback does not fail papermill). Nothing here trains or saves.
-Prefix shapes follow `gistlib.prefix`: keys, values (n_layers, B, H_kv, k, hd).
+Prefix shapes follow `gistlib.core.prefix`: keys, values (n_layers, B, H_kv, k, hd).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from gistlib.core.prefix import Prefix, forward_with_mask, positions_from_mask
 from gistlib.data import collate, render_hyper_input
-from gistlib.prefix import Prefix, forward_with_mask, positions_from_mask
 
 __all__ = [
     "token_labels",
@@ -135,7 +135,7 @@ def attention_maps(
     """Attention probabilities of every layer and head: (n_layers, B, H, L, L).
 
     model: a Llama loaded or built with `attn_implementation="eager"` (sdpa returns no attention).
-    mask: the boolean (B, 1, L, L) mask from `gistlib.masks`; it becomes additive in
+    mask: the boolean (B, 1, L, L) mask from `gistlib.core.masks`; it becomes additive in
     `forward_with_mask`, the one place where that happens. Positions count real tokens from 0.
     """
     impl = getattr(model.config, "_attn_implementation", None) or ""
@@ -312,7 +312,7 @@ def plot_prefix_slice(
 def prefixes_by_demo_count(hyper, episode, tokenizer, fmt, counts: Sequence[int], max_tokens: int = 1024) -> Prefix:
     """HyperLlama prefixes (n, len(counts), H, k, hd) from the first `c` demos of `episode`, one row per c.
 
-    `c = 0` reads only `[BOS] G_1..G_k`. `hyper` is a `gistlib.hyper.HyperLlama`.
+    `c = 0` reads only `[BOS] G_1..G_k`. `hyper` is a `gistlib.core.hyper.HyperLlama`.
     """
     from dataclasses import replace
 
@@ -357,7 +357,7 @@ def plot_prefix_change(change: torch.Tensor, demo_counts: Sequence[int], title: 
 def plot_loss_curves(
     logs: Mapping[str, Sequence[Mapping]], title: str = "training loss", log_y: bool | None = None, smooth: int = 1
 ):
-    """Loss against step for each `{name: metric records}` (records as `gistlib.train.train` returns them).
+    """Loss against step for each `{name: metric records}` (records as `gistlib.train.loop.train` returns them).
 
     smooth: moving-average window (1 = raw). Records with an `eval` score are drawn on a second axis.
     log_y: None picks a log scale when the losses span more than a factor of 3.
@@ -408,7 +408,7 @@ def plot_loss_curves(
 
 
 def read_metrics(path) -> list[dict]:
-    """The metric records of a run (`<out_dir>/metrics.jsonl` written by `gistlib.train.train`); [] if none yet."""
+    """The metric records of a run (`<out_dir>/metrics.jsonl` written by `gistlib.train.loop.train`); [] if none yet."""
     import json
     from pathlib import Path
 

@@ -9,7 +9,7 @@
     6. compression demo tokens per gist token; KV bytes of a prefix vs the demos' KV
 
 Every trained model is cached under `cache_dir` (a second run reuses it; an interrupted one resumes).
-Results land in `out_dir`: summary.json, results.md and PNG plots (`gistlib.report`).
+Results land in `out_dir`: summary.json, results.md and PNG plots (`gistlib.course.report`).
 """
 
 from __future__ import annotations
@@ -24,11 +24,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from gistlib.batches import gisting_batches, hyper_batches, hyperpretrain_batches, icl_batches
 from gistlib.config import check_fields
+from gistlib.core.hyper import HyperConfig, HyperLlama
+from gistlib.core.lm import LMTrainee
 from gistlib.data import COMPACT, EpisodeSampler, Task, load_pocket_corpus, load_pocket_suite, pocket_tokenizer
+from gistlib.data.batches import gisting_batches, hyper_batches, hyperpretrain_batches, icl_batches
 from gistlib.data.render import render_hyper_input
-from gistlib.evaluate import (
+from gistlib.models.tiny import build_tiny_llama, gist_token_ids
+from gistlib.train.evaluate import (
     NORMALISATION,
     evaluate,
     gist_prefixes,
@@ -37,11 +40,8 @@ from gistlib.evaluate import (
     with_prefixes,
     zero_shot,
 )
-from gistlib.hyper import HyperConfig, HyperLlama
-from gistlib.lm import LMTrainee
-from gistlib.models import build_tiny_llama, gist_token_ids
-from gistlib.prefix_tuning import random_prefix, tune_prefixes, vocab_prefix
-from gistlib.train import TrainConfig, train
+from gistlib.train.loop import TrainConfig, train
+from gistlib.train.prefix_tuning import random_prefix, tune_prefixes, vocab_prefix
 
 __all__ = [
     "PocketConfig",
@@ -59,7 +59,7 @@ __all__ = [
 ]
 
 FMT = COMPACT
-ROOT = Path(__file__).resolve().parents[1]
+from gistlib.data.files import REPO_ROOT as ROOT  # noqa: E402
 
 
 @dataclass
@@ -105,7 +105,9 @@ class PocketConfig:
     hyper_lr: float = 2e-3
     tasks_per_batch: int = 32
     queries_per_task: int = 4
-    distill_weight: float = 3.0  # ICL distillation (gistlib.distill; not in the paper): 0 trains on the LM loss alone
+    distill_weight: float = (
+        3.0  # ICL distillation (gistlib.core.distill; not in the paper): 0 trains on the LM loss alone
+    )
     teacher_queries: int = 1  # queries per task that get an in-context teacher row
     # Gisting
     gisting_steps: int = 600
@@ -504,7 +506,7 @@ def compression(cfg: PocketConfig, base, episodes, tok, k: int) -> dict:
 
 def run_pocket(cfg: PocketConfig) -> dict:
     """Run the whole pocket course; returns the summary (also written to out_dir/summary.json)."""
-    from gistlib.report import write_report
+    from gistlib.course.report import write_report
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

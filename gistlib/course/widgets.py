@@ -1,4 +1,4 @@
-"""Thin ipywidgets wrappers over `gistlib.viz`, and the playground.
+"""Thin ipywidgets wrappers over `gistlib.course.viz`, and the playground.
 
 Every widget here is a set of controls over a plain function that a notebook (and a test) calls once
 first: an exception inside a widget callback only prints, it does not fail papermill.
@@ -17,12 +17,12 @@ from collections.abc import Sequence
 
 import torch
 
+from gistlib.core.masks import make_causal_mask, make_gist_mask, negative_control_mask
+from gistlib.core.scoring import sequence_logprobs
+from gistlib.course.viz import plot_attention, plot_mask, plot_prefix_slice
 from gistlib.data import COMPACT, Episode, Example, RenderFormat, collate, render_hyper_input
 from gistlib.data.render import answer_ids
-from gistlib.evaluate import Method, icl, with_prefixes, zero_shot
-from gistlib.masks import make_causal_mask, make_gist_mask, negative_control_mask
-from gistlib.scoring import sequence_logprobs
-from gistlib.viz import plot_attention, plot_mask, plot_prefix_slice
+from gistlib.train.evaluate import Method, icl, with_prefixes, zero_shot
 
 __all__ = [
     "MASKS",

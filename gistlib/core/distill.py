@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from gistlib.masks import make_causal_mask
-from gistlib.prefix import forward_with_mask, positions_from_mask
+from gistlib.core.masks import make_causal_mask
+from gistlib.core.prefix import forward_with_mask, positions_from_mask
 
 __all__ = ["suffix_alignment", "hidden_cosine_loss", "teacher_hidden_states"]
 

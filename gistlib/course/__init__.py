@@ -1,0 +1,1 @@
+"""The experiment: the config, the runner for every tier, the report, plots, widgets and the tour."""
