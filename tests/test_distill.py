@@ -89,7 +89,7 @@ def test_distillation_changes_the_gradient_and_weight_zero_switches_it_off():
 
 
 def test_the_training_loop_feeds_teacher_rows_with_the_configured_weight(tmp_path):
-    """`train` hands teacher rows to the trainee with `TrainConfig.distill_weight`; weight 0 = no teacher."""
+    """`train` hands teacher rows to the trainee, weighted by `HyperConfig.distill_weight`; weight 0 = no teacher."""
     from gistlib.train.loop import TrainConfig, train
 
     def stream(teacher: bool):
@@ -100,9 +100,8 @@ def test_the_training_loop_feeds_teacher_rows_with_the_configured_weight(tmp_pat
             yield dict(zip(names, batch)) | extra
 
     def weights(teacher: bool, weight: float, out: str):
-        hyper = make_hyper()
-        cfg = TrainConfig(steps=3, lr=1e-2, warmup_steps=0, out_dir=str(tmp_path / out), progress=False,
-                          distill_weight=weight)  # fmt: skip
+        hyper = make_hyper(distill_weight=weight)
+        cfg = TrainConfig(steps=3, lr=1e-2, warmup_steps=0, out_dir=str(tmp_path / out), progress=False)
         train(hyper, stream(teacher), cfg)
         return hyper.gist_embeddings.detach().clone()
 

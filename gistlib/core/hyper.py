@@ -63,6 +63,7 @@ class HyperConfig:
     gist_init: str = (
         "random_tokens"  # random_tokens: copies of k real token embeddings | gist_tokens: rows of the gist ids
     )
+    distill_weight: float = 1.0  # ICL distillation term's weight, where batches carry teacher rows (gistlib.core.distill)
     seed: int = 0
 
     def __post_init__(self):
@@ -75,6 +76,7 @@ class HyperConfig:
             "prefix_head": self.prefix_head in ("identity", "linear", "mlp"),
             "gist_init": self.gist_init in ("random_tokens", "gist_tokens"),
             "target_modules": len(self.target_modules) > 0,
+            "distill_weight": self.distill_weight >= 0,
         }
         check_fields(self, checks)
 
@@ -275,14 +277,14 @@ class HyperLlama(nn.Module):
         icl_input_ids: torch.Tensor | None = None,
         icl_attention_mask: torch.Tensor | None = None,
         icl_rows: torch.Tensor | None = None,
-        distill_weight: float = 1.0,
+        distill_weight: float | None = None,
     ) -> torch.Tensor:
         """Loss on the downstream output tokens, ready for `.backward()` (without checkpointing).
 
         hyper_*: (T, Lh), one row per task. input_ids, attention_mask, labels: (B, L) downstream rows;
         `task_index` (B,) says which task row each downstream row belongs to (default: row b -> task b).
         icl_*: optional teacher rows (R, Lt) for ICL distillation, `icl_rows` (R,) their downstream rows;
-        the loss is then LM + distill_weight * distill (`gistlib.core.distill`).
+        the loss is then LM + distill_weight * distill (`gistlib.core.distill`; None: `config.distill_weight`).
         With gradient checkpointing on, use `loss_and_backward` (see there why).
         """
         if self.base.is_activation_checkpointing and self.training and torch.is_grad_enabled():
@@ -293,7 +295,8 @@ class HyperLlama(nn.Module):
         prefix = self.make_prefix(hyper_input_ids, hyper_attention_mask)
         if task_index is not None:
             prefix = prefix.rows(task_index)
-        teacher = (icl_input_ids, icl_attention_mask, icl_rows, distill_weight)
+        weight = self.config.distill_weight if distill_weight is None else distill_weight
+        teacher = (icl_input_ids, icl_attention_mask, icl_rows, weight)
         return self._objective(prefix, input_ids, attention_mask, labels, *teacher)[0]
 
     def loss_and_backward(
@@ -308,7 +311,7 @@ class HyperLlama(nn.Module):
         icl_input_ids: torch.Tensor | None = None,
         icl_attention_mask: torch.Tensor | None = None,
         icl_rows: torch.Tensor | None = None,
-        distill_weight: float = 1.0,
+        distill_weight: float | None = None,
     ) -> torch.Tensor:
         """Forward and backward in two phases; returns the (unscaled, detached) language-modelling loss.
 
@@ -327,7 +330,8 @@ class HyperLlama(nn.Module):
         cut = Prefix(leaf_k, leaf_v)
         if task_index is not None:
             cut = cut.rows(task_index)
-        teacher = (icl_input_ids, icl_attention_mask, icl_rows, distill_weight)
+        weight = self.config.distill_weight if distill_weight is None else distill_weight
+        teacher = (icl_input_ids, icl_attention_mask, icl_rows, weight)
         with self.downstream_mode():
             total, lm = self._objective(cut, input_ids, attention_mask, labels, *teacher)
             (total * loss_scale).backward()

@@ -352,7 +352,9 @@ def train_hyper(cfg: PocketConfig, suite, tok, base_dir: Path, k: int, seed: int
     gist = gist_token_ids(tok)[:k]
     run = Path(cfg.cache_dir) / f"hyper-k{k}-s{seed}"
     check_run_settings(run, cfg, HYPER_SETTINGS)
-    hcfg = HyperConfig(num_gist_tokens=k, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, seed=seed)
+    hcfg = HyperConfig(
+        num_gist_tokens=k, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, distill_weight=cfg.distill_weight, seed=seed
+    )
     hyper = HyperLlama(_fresh_base(base_dir), gist, hcfg)
     if (run / "final" / "hyper_config.json").exists():
         hyper.load_trainable(run / "final")
@@ -394,7 +396,7 @@ def train_hyper(cfg: PocketConfig, suite, tok, base_dir: Path, k: int, seed: int
             balanced=cfg.balanced_demos,
             teacher_queries=cfg.teacher_queries if cfg.distill_weight > 0 else 0,
         ),
-        replace(main, distill_weight=cfg.distill_weight),
+        main,
         evaluate=val_score,
     )
     _keep_best(hyper, run / "multitask", run / "final")

@@ -69,7 +69,6 @@ class TrainConfig:
     out_dir: str = "runs/hyper"
     progress: bool = True
     max_seconds: float = 0.0  # wall-clock budget: stop (with a checkpoint) once exceeded; 0: none
-    distill_weight: float = 1.0  # weight of the ICL-distillation term, used where batches carry teacher rows
 
     def __post_init__(self):
         checks = {
@@ -85,7 +84,6 @@ class TrainConfig:
             "save_every": self.save_every >= 0,
             "eval_every": self.eval_every >= 0,
             "patience": self.patience >= 0,
-            "distill_weight": self.distill_weight >= 0,
         }
         check_fields(self, checks)
 
@@ -282,9 +280,8 @@ def train(
                     f"{config.steps * config.grad_accum * accelerator.num_processes} batches"
                 )
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            teach = {"distill_weight": config.distill_weight} if "icl_input_ids" in batch else {}
             with accelerator.autocast():
-                loss = hyper.loss_and_backward(**batch, loss_scale=1.0 / config.grad_accum, **teach)
+                loss = hyper.loss_and_backward(**batch, loss_scale=1.0 / config.grad_accum)
             loss_sum += loss.item() / config.grad_accum
             tokens += _tokens(batch)
         _all_reduce_grads(params, accelerator)
