@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 main: setup
-	$(BIN)/python -m gistlib course
+	$(BIN)/python -m gistlib run configs/pocket.json
 
 # pytest exits 5 when it collects no test: that is a failure too.
 test: setup

@@ -1,11 +1,16 @@
 """Command line: `python -m gistlib <command>`.
 
-tour     tiny model, gist mask, canonical prefix, exact-caching check (seconds)
-course   the pocket course end to end (base, HyperLlama, Gisting, evaluation, prefix ladder)
+run      an experiment config (configs/smoke|pocket|p3|sni|symbol.json, or any file): every method it enables,
+         scored on the same episodes; `--tiny` runs it on a tiny random 4-bit model (CPU, minutes)
 base     pretrain the pocket base, the in-context learner everything else builds on (data/pocket_base)
-train    train one HyperLlama on the pocket suite from a JSON config (works under `accelerate launch`)
-recipe   a real-data recipe (p3 | sni | symbol) on a Llama checkpoint; `--tiny` runs it on a tiny 4-bit model
+train    train one HyperLlama from a JSON config, no evaluation (works under `accelerate launch`)
+tour     tiny model, gist mask, canonical prefix, exact-caching check (seconds)
 memory   the memory planner's table for Llama-2 7B/13B on 8-24 GB cards
+
+    python -m gistlib run configs/pocket.json --set train.hyper_steps=800 --set run.seeds=[0] [--dump]
+
+`--set section.field=value` is repeatable (and takes several pairs); every occurrence applies, in order.
+Values are JSON where they parse, else text, and are type-checked against the config's fields.
 """
 
 from __future__ import annotations
@@ -17,36 +22,28 @@ import sys
 import time
 
 
-def _parse_value(text: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
+def _add_set(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set", action="extend", nargs="+", default=[], metavar="SECTION.FIELD=VALUE", help="override a config field"
+    )
 
 
-def _overrides(pairs: list[str]) -> dict:
-    """`--set name=value` pairs; values parsed as JSON where they parse (numbers, lists, booleans)."""
-    out = {}
-    for pair in pairs or []:
-        if "=" not in pair:
-            raise SystemExit(f"--set expects name=value, got {pair!r}")
-        name, value = pair.split("=", 1)
-        out[name.strip()] = _parse_value(value)
-    return out
-
-
-def cmd_course(args) -> int:
-    from gistlib.course.pipeline import run_pocket, tier_config
+def cmd_run(args) -> int:
+    from gistlib.course.experiment import load_experiment, tiny_experiment
     from gistlib.course.report import results_table
 
+    exp = load_experiment(args.config, args.set)
+    if args.tiny:
+        exp = tiny_experiment(exp)
+    if args.dump:
+        print(json.dumps(exp.to_dict(), indent=1))
+        return 0
+    from gistlib.course.runner import run_experiment
+
     t0 = time.perf_counter()
-    overrides = _overrides(args.set)
-    if args.gist_sweep:
-        overrides["gist_sweep"] = args.gist_sweep
-    cfg = tier_config(args.tier, **overrides)
-    summary = run_pocket(cfg)
+    summary = run_experiment(exp)
     print("\n" + results_table(summary))
-    print(f"\nwall time {time.perf_counter() - t0:.0f} s; results, plots and summary.json in {cfg.out_dir}/")
+    print(f"\nwall time {time.perf_counter() - t0:.0f} s; results, plots and summary.json in {exp.run.out_dir}/")
     return 0
 
 
@@ -54,51 +51,49 @@ def cmd_base(args) -> int:
     """Pretrain the pocket base (the shipped data/pocket_base is made by exactly this command)."""
     from pathlib import Path
 
-    from gistlib.course.pipeline import tier_config, train_base
-    from gistlib.data import load_pocket_suite, pocket_tokenizer
+    from gistlib.course.experiment import load_experiment
+    from gistlib.course.runner import train_base
+    from gistlib.data import pocket_tokenizer
+    from gistlib.data.sources import make_source
 
-    cfg = tier_config(args.tier, **_overrides(args.set))
+    exp = load_experiment(args.config, args.set)
+    tok = pocket_tokenizer(16)
     t0 = time.perf_counter()
-    train_base(cfg, load_pocket_suite(), pocket_tokenizer(16), Path(args.out))
+    train_base(exp, make_source(exp.data, tok, exp.hyper.num_gist_tokens), tok, Path(args.out))
     print(f"base written to {args.out} in {time.perf_counter() - t0:.0f} s")
     return 0
 
 
 def cmd_train(args) -> int:
-    from gistlib.train_entry import run_train_config
+    from gistlib.train.entry import run_train_config
 
-    run_train_config(args.config, _overrides(args.set))
+    run_train_config(args.config, args.set)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gistlib", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    tour = sub.add_parser("tour", help="tiny model, gist mask, canonical prefix, exact-caching check")
-    tour.add_argument("--num-gist-tokens", type=int, default=4)
-    course = sub.add_parser("course", help="the pocket course end to end")
-    course.add_argument("--tier", default="pocket", help="pocket (laptop CPU) or smoke (seconds, for CI)")
-    course.add_argument("--gist-sweep", type=int, nargs="*", help="extra gist-token counts, e.g. 1 2 4 16")
-    course.add_argument("--set", nargs="*", metavar="FIELD=VALUE", help="override PocketConfig fields")
+    run = sub.add_parser("run", help="run an experiment config (every tier and recipe)")
+    run.add_argument("config", help="a config file, or the name of one under configs/ (smoke, pocket, p3, sni, symbol)")
+    _add_set(run)
+    run.add_argument("--dump", action="store_true", help="print the resolved config as JSON and exit")
+    run.add_argument("--tiny", action="store_true", help="a tiny random 4-bit Llama built on the data (CPU check)")
     base = sub.add_parser("base", help="pretrain the pocket base (in-context learner) into --out")
+    base.add_argument("--config", default="pocket")
     base.add_argument("--out", default="data/pocket_base")
-    base.add_argument("--tier", default="pocket")
-    base.add_argument("--set", nargs="*", metavar="FIELD=VALUE", help="override PocketConfig fields")
+    _add_set(base)
     tr = sub.add_parser("train", help="train one HyperLlama from a JSON config")
     tr.add_argument("--config", help="JSON file with `model`, `hyper`, `train`, `data` sections")
-    tr.add_argument("--set", nargs="*", metavar="SECTION.FIELD=VALUE", help="override config fields")
-    sub.add_parser(
-        "recipe", help="real-data recipe: python -m gistlib recipe p3|sni|symbol [--tiny] [--set k=v]", add_help=False
-    )
+    _add_set(tr)
+    tour = sub.add_parser("tour", help="tiny model, gist mask, canonical prefix, exact-caching check")
+    tour.add_argument("--num-gist-tokens", type=int, default=4)
     sub.add_parser("memory", help="memory planner table", add_help=False)
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("tour", "course", "base", "memory"):  # these never need the hub: never stall on it
+    offline = argv and (argv[0] in ("tour", "base", "memory") or "--tiny" in argv)
+    if offline:  # these never need the hub: never stall on it
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    if argv and argv[0] == "recipe":
-        from gistlib.course.recipes import main_recipe
-
-        return main_recipe(argv[1:])
     if argv and argv[0] == "memory":
         from gistlib.models.memory import main as memory_main
 
@@ -109,7 +104,13 @@ def main(argv: list[str] | None = None) -> int:
 
         run_tour(num_gist_tokens=args.num_gist_tokens)
         return 0
-    return {"course": cmd_course, "train": cmd_train, "base": cmd_base}[args.command](args)
+    from gistlib.config import ConfigError
+
+    try:
+        return {"run": cmd_run, "train": cmd_train, "base": cmd_base}[args.command](args)
+    except ConfigError as err:
+        print(f"gistlib {args.command}: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

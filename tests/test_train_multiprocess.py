@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gistlib.train_entry import load_run_config
+from gistlib.train.entry import load_run_config
 
 CONFIG = {
     "model": {
@@ -95,13 +95,13 @@ def test_two_processes_match_one_process_with_accumulation(tmp_path):
 
 def test_config_errors_name_the_field(tmp_path):
     with pytest.raises(ValueError, match=r"train\.stepz"):
-        load_run_config(None, {"train.stepz": 3})
+        load_run_config(None, ["train.stepz=3"])
     with pytest.raises(ValueError, match="TrainConfig.lr"):
-        load_run_config(None, {"train.lr": -1})
+        load_run_config(None, ["train.lr=-1"])
     with pytest.raises(ValueError, match="data.stage"):
-        load_run_config(None, {"data.stage": "pretrain"})
+        load_run_config(None, ["data.stage=pretrain"])
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"optimizer": {}}))
-    with pytest.raises(ValueError, match="unknown config section"):
+    with pytest.raises(ValueError, match="unknown section"):
         load_run_config(str(bad))
-    assert load_run_config(None, {"hyper.num_gist_tokens": 8})["hyper"].num_gist_tokens == 8
+    assert load_run_config(None, ["hyper.num_gist_tokens=8"])["hyper"].num_gist_tokens == 8

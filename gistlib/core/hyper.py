@@ -63,7 +63,7 @@ class HyperConfig:
     gist_init: str = (
         "random_tokens"  # random_tokens: copies of k real token embeddings | gist_tokens: rows of the gist ids
     )
-    distill_weight: float = 1.0  # ICL distillation term's weight, where batches carry teacher rows (gistlib.core.distill)
+    distill_weight: float = 1.0  # weight of ICL distillation where batches carry teacher rows (gistlib.core.distill)
     seed: int = 0
 
     def __post_init__(self):

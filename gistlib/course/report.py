@@ -1,4 +1,4 @@
-"""Results of the pocket course as files a person reads: summary.json, results.md, PNG plots."""
+"""Results of an experiment as files a person reads: summary.json, results.md, PNG plots."""
 
 from __future__ import annotations
 
@@ -7,18 +7,20 @@ from pathlib import Path
 
 __all__ = ["write_report", "results_table", "plot_methods", "plot_prefix_ladder", "plot_losses", "plot_tradeoff"]
 
-METHOD_ORDER = ("zero_shot", "icl", "gisting", "hyperllama")
+METHOD_ORDER = ("zero_shot", "icl", "multitask_icl", "gisting", "hyperllama")
 
 
 def _fmt(entry: dict) -> str:
+    """Accuracy (exact match for generation) with its 95% interval, and ROUGE-L where the tasks generate."""
     lo, hi = entry["ci95"]
-    return f"{entry['accuracy']:.3f} [{lo:.3f}, {hi:.3f}]"
+    rouge = f", ROUGE-L {entry['rouge_l']:.3f}" if entry.get("rouge_l") is not None else ""
+    return f"{entry['accuracy']:.3f} [{lo:.3f}, {hi:.3f}]{rouge}"
 
 
 def results_table(summary: dict) -> str:
     """Markdown: methods (accuracy, 95% CI, n, by level), seeds, the prefix ladder, gist sweep, compression."""
     m = summary["methods"]
-    levels = sorted({lvl for e in m.values() for lvl in e.get("by_level", {})})
+    levels = sorted({lvl for e in m.values() for lvl in e.get("by_group", {})})
     lines = [
         "| method | accuracy [95% CI] | episodes | " + " | ".join(levels) + " |",
         "|---|---|---|" + "---|" * len(levels),
@@ -28,7 +30,7 @@ def results_table(summary: dict) -> str:
             e = m[name]
             lines.append(
                 f"| {name} | {_fmt(e)} | {e['n_episodes']} | "
-                + " | ".join(f"{e['by_level'].get(lvl, float('nan')):.3f}" for lvl in levels)
+                + " | ".join(f"{e['by_group'].get(lvl, float('nan')):.3f}" for lvl in levels)
                 + " |"
             )
     seeds = m.get("hyperllama", {}).get("per_seed", {})
@@ -64,7 +66,7 @@ def results_table(summary: dict) -> str:
             e = sweep[k]
             lines.append(
                 f"| {k} | {_fmt(e)} | "
-                + " | ".join(f"{e['by_level'].get(lvl, float('nan')):.3f}" for lvl in levels)
+                + " | ".join(f"{e['by_group'].get(lvl, float('nan')):.3f}" for lvl in levels)
                 + " |"
             )
     comp = summary.get("compression", [])
@@ -153,12 +155,12 @@ def plot_tradeoff(summary: dict, method: str = "hyperllama"):
     fig, ax = plt.subplots(figsize=(6, 3.5))
     sweep = summary.get("gist_sweep", {})
     ks = sorted(sweep, key=int)
-    icl_levels = summary["methods"]["icl"]["by_level"]
+    icl_levels = summary["methods"]["icl"]["by_group"]
     for i, lvl in enumerate(sorted(icl_levels)):
         color = f"C{i}"
         ax.plot(
             [int(k) for k in ks],
-            [sweep[k]["by_level"].get(lvl, float("nan")) for k in ks],
+            [sweep[k]["by_group"].get(lvl, float("nan")) for k in ks],
             marker="o",
             color=color,
             label=f"{method} {lvl}",

@@ -7,7 +7,9 @@
                             teacher (optional): [BOS] demos query answer, for ICL distillation
     hyperpretrain_batches   hypernetwork: [BOS] segment_a G..;  downstream: [BOS] segment_b
 
-Every stream is endless, seeded and reproducible (the training loop's resume replays it).
+Every stream is endless, seeded and reproducible (the training loop's resume replays it). The first three
+read an episode stream (`sample_episodes`, or a family's own, e.g. symbol tuning's), so every data family
+feeds every method.
 """
 
 from __future__ import annotations
@@ -29,12 +31,20 @@ from gistlib.data import (
     render_hyper_input,
     render_icl,
 )
-from gistlib.data.render import definition_ids, demo_ids, encode
+from gistlib.data.render import IGNORE, definition_ids, demo_ids, encode
 
-__all__ = ["icl_batches", "gisting_batches", "hyper_batches", "hyper_episode_batches", "hyperpretrain_batches"]
+__all__ = ["sample_episodes", "icl_batches", "gisting_batches", "hyper_batches", "hyperpretrain_batches"]
 
 
-def _episodes(tasks, seed, num_queries, repeat_demo_prob, num_demos=None, balanced=False):
+def sample_episodes(
+    tasks: Sequence[Task],
+    seed: int,
+    num_queries: int,
+    repeat_demo_prob: float = 0.0,
+    num_demos: int | None = None,
+    balanced: bool = False,
+) -> Iterator[Episode]:
+    """The endless, seeded episode stream every batch builder below reads (`EpisodeSampler` over `tasks`)."""
     sampler = EpisodeSampler(
         tasks,
         num_demos=num_demos,
@@ -92,25 +102,20 @@ def _with_copied_demos(episodes: Iterator[Episode], prob: float, seed: int) -> I
 
 
 def icl_batches(
-    tasks: Sequence[Task],
+    episodes: Iterator[Episode],
     tokenizer,
     batch_size: int,
     seed: int = 0,
     fmt: RenderFormat = COMPACT,
     max_tokens: int = 256,
-    repeat_demo_prob: float = 0.0,
-    num_demos: int | None = None,
-    balanced: bool = False,
     label_demos: bool = False,
     copy_demos_prob: float = 0.0,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """`input_ids`, `attention_mask`, `labels` (B, L): one query per episode, demos in context.
+    """`input_ids`, `attention_mask`, `labels` (B, L): the first query of each episode, demos in context.
 
-    num_demos=None takes each task's `meta["num_demos"]` (the pocket suite's levels); balanced draws
-    demos round-robin over the outputs (e.g. 2 per category); label_demos also puts the loss on every
-    demo's output (`render_icl_dense`); copy_demos_prob is the chance that an episode's demos are
-    half of them, each shown twice (exact repeats: with dense labels, a strong copying signal early on)."""
-    episodes = _episodes(tasks, seed, 1, repeat_demo_prob, num_demos, balanced)
+    label_demos also puts the loss on every demo's output (`render_icl_dense`); copy_demos_prob is the
+    chance that an episode's demos are half of them, each shown twice (exact repeats: with dense labels,
+    a strong copying signal early on)."""
     if copy_demos_prob > 0:
         episodes = _with_copied_demos(episodes, copy_demos_prob, seed)
     renderer = render_icl_dense if label_demos else render_icl
@@ -119,24 +124,19 @@ def icl_batches(
 
 
 def gisting_batches(
-    tasks: Sequence[Task],
+    episodes: Iterator[Episode],
     tokenizer,
     gist_ids: list[int],
     batch_size: int,
-    seed: int = 0,
     fmt: RenderFormat = COMPACT,
     max_tokens: int = 256,
-    repeat_demo_prob: float = 0.0,
-    num_demos: int | None = None,
-    balanced: bool = False,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Single-sequence gisting rows (B, L), labels on the answer."""
-    episodes = _episodes(tasks, seed, 1, repeat_demo_prob, num_demos, balanced)
+    """Single-sequence gisting rows (B, L) from the first query of each episode, labels on the answer."""
     render = lambda ep, q: render_gisting(ep, q, tokenizer, gist_ids, fmt, max_tokens)
     return _single_sequence_batches(episodes, render, tokenizer.pad_token_id, batch_size)
 
 
-def hyper_episode_batches(
+def hyper_batches(
     episodes: Iterator[Episode],
     tokenizer,
     gist_ids: list[int],
@@ -146,7 +146,7 @@ def hyper_episode_batches(
     max_tokens: int = 64,
     teacher_queries: int = 0,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """HyperLlama batches from any episode stream: `hyper_*` (T, Lh) left padded, downstream rows
+    """HyperLlama multi-task batches from an episode stream: `hyper_*` (T, Lh) left padded, downstream rows
     (T*Q, L) for every query, and `task_index` (T*Q,) naming each row's task.
 
     teacher_queries: for the first this many queries of each task, also the in-context row
@@ -173,28 +173,6 @@ def hyper_episode_batches(
             batch |= {"icl_input_ids": teacher["input_ids"], "icl_attention_mask": teacher["attention_mask"]}
             batch["icl_rows"] = torch.tensor(icl_rows)
         yield batch
-
-
-def hyper_batches(
-    tasks: Sequence[Task],
-    tokenizer,
-    gist_ids: list[int],
-    tasks_per_batch: int,
-    queries_per_task: int,
-    seed: int = 0,
-    fmt: RenderFormat = COMPACT,
-    max_hyper_tokens: int = 256,
-    max_tokens: int = 64,
-    repeat_demo_prob: float = 0.0,
-    num_demos: int | None = None,
-    balanced: bool = False,
-    teacher_queries: int = 0,
-) -> Iterator[dict[str, torch.Tensor]]:
-    """HyperLlama multi-task batches: episodes sampled from `tasks` (see `hyper_episode_batches`)."""
-    episodes = _episodes(tasks, seed, queries_per_task, repeat_demo_prob, num_demos, balanced)
-    return hyper_episode_batches(
-        episodes, tokenizer, gist_ids, tasks_per_batch, fmt, max_hyper_tokens, max_tokens, teacher_queries
-    )
 
 
 def hyperpretrain_batches(
@@ -225,7 +203,7 @@ def hyperpretrain_batches(
             ctx = doc[start : start + context_tokens]
             cont = doc[start + context_tokens : start + need]
             hyper_rows.append([bos, *ctx, *gist_ids])
-            down_rows.append(([bos, *cont], [-100, *cont]))
+            down_rows.append(([bos, *cont], [IGNORE, *cont]))
         h = collate(hyper_rows, tokenizer.pad_token_id, padding_side="left")
         d = collate(down_rows, tokenizer.pad_token_id)
         yield {"hyper_input_ids": h["input_ids"], "hyper_attention_mask": h["attention_mask"], **d}

@@ -27,9 +27,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .episodes import Episode, Example
+from gistlib.core.scoring import IGNORE
 
-IGNORE = -100  # label value that carries no loss
+from .episodes import Episode, Example
 
 
 @dataclass(frozen=True)

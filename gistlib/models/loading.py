@@ -48,10 +48,12 @@ from transformers import (
     PreTrainedModel,
 )
 
+from gistlib.core.hyper import LINEAR_MAPS
+
 QUANTIZATIONS = ("nf4", "int8")
 LLAMA_LIKE_MODEL_TYPES = ("llama",)  # model_type values whose modules match LlamaForCausalLM
-ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+ATTENTION_PROJECTIONS = LINEAR_MAPS[:4]  # q, k, v, o
+MLP_PROJECTIONS = LINEAR_MAPS[4:]  # gate, up, down
 
 
 # ----------------------------------------------------------------------------------------------

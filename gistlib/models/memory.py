@@ -34,10 +34,12 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from gistlib.core.hyper import LINEAR_MAPS
+
 GiB = 2**30
 NF4_BLOCK = 64  # bitsandbytes 4-bit block size: one absmax per 64 weights
 NF4_NESTED_BLOCK = 256  # double quantisation: one float32 absmax per 256 (8-bit) absmax values
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_TARGETS = LINEAR_MAPS
 # Not measured here: the CUDA context (~0.3-0.5 GiB), cuBLAS workspaces and caching-allocator
 # fragmentation. A stated constant; the GPU check (benchmarks/gpu_check.py) should calibrate it.
 RUNTIME_OVERHEAD_BYTES = 1 * GiB

@@ -98,10 +98,10 @@ def zero_shot(model, tokenizer, fmt: RenderFormat) -> Method:
     )
 
 
-def icl(model, tokenizer, fmt: RenderFormat, max_tokens: int = 1024) -> Method:
-    """The base model with the demos in context under full attention."""
+def icl(model, tokenizer, fmt: RenderFormat, max_tokens: int = 1024, name: str = "icl") -> Method:
+    """`model` with the demos in context under full attention (the frozen base: icl; trained so: multitask_icl)."""
     return Method(
-        "icl",
+        name,
         lambda e, ep, q: render_icl_prompt(ep, q, tokenizer, fmt, max_tokens, reserve=8),
         _causal_logits(model),
         model,

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from gistlib.core.masks import make_causal_mask
 from gistlib.core.prefix import Prefix, forward_with_mask, forward_with_prefix, positions_from_mask
-from gistlib.data import Episode, RenderFormat, collate, render_downstream
+from gistlib.data import IGNORE, Episode, RenderFormat, collate, render_downstream
 
 __all__ = ["random_prefix", "vocab_prefix", "demo_rows", "tune_prefixes"]
 
@@ -67,7 +67,7 @@ def _episode_losses(model, prefix: Prefix, batch, owner: torch.Tensor, num_episo
     logits = forward_with_prefix(model, prefix.rows(owner), batch["input_ids"], batch["attention_mask"]).logits
     target = batch["labels"][:, 1:]
     ce = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), target.clamp(min=0), reduction="none")
-    keep = (target != -100).float()
+    keep = (target != IGNORE).float()
     row_loss = (ce * keep).sum(1) / keep.sum(1).clamp(min=1)  # (R,)
     per_ep = torch.zeros(num_episodes).index_add_(0, owner, row_loss)
     counts = torch.zeros(num_episodes).index_add_(0, owner, torch.ones_like(row_loss))
@@ -83,11 +83,13 @@ def tune_prefixes(
     budgets: Sequence[int] = (0, 10, 25, 50, 100, 200),
     lr: float = 1e-2,
     on_budget: Callable[[int, Prefix], None] | None = None,
+    max_tokens: int = 256,
 ) -> dict[int, Prefix]:
     """Adam on the prefix K/V for max(budgets) steps, on each episode's demos; snapshots at each budget.
 
     model: frozen downstream model (adapters off). init: (n, E, H, k, hd), E = len(episodes).
     `on_budget(steps, prefix)` is called at each budget (e.g. to evaluate); returns {budget: Prefix}.
+    max_tokens: the budget of one demo row `[BOS] x y [EOS]`.
     """
     if init.batch_size != len(episodes):
         raise ValueError(f"init holds {init.batch_size} prefixes for {len(episodes)} episodes")
@@ -97,7 +99,7 @@ def tune_prefixes(
     keys = init.keys.detach().clone().float().requires_grad_(True)
     values = init.values.detach().clone().float().requires_grad_(True)
     opt = torch.optim.Adam([keys, values], lr=lr)
-    batch, owner = demo_rows(episodes, tokenizer, fmt)
+    batch, owner = demo_rows(episodes, tokenizer, fmt, max_tokens)
     snapshots: dict[int, Prefix] = {}
     for step in range(max(budgets) + 1):
         if step in budgets:

@@ -1,4 +1,4 @@
-"""`python -m gistlib train --config run.json`: one HyperLlama training run from a JSON config.
+"""`python -m gistlib train --config run.json`: one HyperLlama training run (no evaluation), on one process or many.
 
 The same entry point runs on one process or many:
 
@@ -27,6 +27,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
+from gistlib.config import ConfigError, apply_overrides, build, read_json
 from gistlib.core.hyper import HyperConfig, HyperLlama
 from gistlib.models.tiny import TinyLlamaConfig, build_tiny_llama, gist_token_ids
 from gistlib.train.loop import TrainConfig, make_accelerator, train
@@ -45,7 +46,6 @@ class DataConfig:
     seed: int = 0
 
     def __post_init__(self):
-        self.families = tuple(self.families)
         if self.stage not in ("multitask", "hyperpretrain"):
             raise ValueError(f"data.stage = {self.stage!r}: use 'multitask' or 'hyperpretrain'")
         if self.tasks_per_batch < 1 or self.queries_per_task < 1:
@@ -64,29 +64,14 @@ class ModelConfig(TinyLlamaConfig):
 SECTIONS = {"model": ModelConfig, "hyper": HyperConfig, "train": TrainConfig, "data": DataConfig}
 
 
-def load_run_config(path: str | None, overrides: dict | None = None) -> dict:
-    """Read the JSON config, apply `section.field=value` overrides, build the dataclasses (errors name the field)."""
-    raw = json.loads(Path(path).read_text()) if path else {}
-    unknown_sections = set(raw) - set(SECTIONS)
-    if unknown_sections:
-        raise ValueError(f"unknown config section(s) {sorted(unknown_sections)}; use {sorted(SECTIONS)}")
-    for key, value in (overrides or {}).items():
-        section, _, name = key.partition(".")
-        if section not in SECTIONS or not name:
-            raise ValueError(f"override {key!r} must look like section.field with section in {sorted(SECTIONS)}")
-        raw.setdefault(section, {})[name] = value
-    built = {}
-    for section, cls in SECTIONS.items():
-        values = raw.get(section, {})
-        known = {f.name for f in fields(cls)}
-        bad = set(values) - known
-        if bad:
-            raise ValueError(f"unknown field(s) {sorted(f'{section}.{b}' for b in bad)}")
-        try:
-            built[section] = cls(**values)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"config section {section!r}: {err}") from err
-    return built
+def load_run_config(path: str | None, overrides: list[str] | None = None) -> dict:
+    """Read the JSON config, apply `section.field=value` overrides (all of them, in order), build the typed
+    sections with the one parser (`gistlib.config`: errors name `section.field`)."""
+    raw = apply_overrides(read_json(path) if path else {}, overrides, SECTIONS)
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"{path}: unknown section(s) {', '.join(unknown)}; known: {', '.join(SECTIONS)}")
+    return {name: build(cls, raw.get(name), name) for name, cls in SECTIONS.items()}
 
 
 def _base(model_cfg: ModelConfig, tok):
@@ -98,10 +83,10 @@ def _base(model_cfg: ModelConfig, tok):
     return build_tiny_llama(TinyLlamaConfig(**sizes), seed=model_cfg.seed, tokenizer=tok)
 
 
-def run_train_config(path: str | None, overrides: dict | None = None) -> list[dict]:
+def run_train_config(path: str | None, overrides: list[str] | None = None) -> list[dict]:
     """Build tokenizer, base, HyperLlama and batch stream from the config, then train."""
     from gistlib.data import load_pocket_corpus, load_pocket_suite, pocket_tokenizer
-    from gistlib.data.batches import hyper_batches, hyperpretrain_batches
+    from gistlib.data.batches import hyper_batches, hyperpretrain_batches, sample_episodes
 
     cfg = load_run_config(path, overrides)
     h: HyperConfig = cfg["hyper"]
@@ -111,16 +96,8 @@ def run_train_config(path: str | None, overrides: dict | None = None) -> list[di
     hyper = HyperLlama(_base(cfg["model"], tok), gist, h)
     if d.stage == "multitask":
         tasks = [t for t in load_pocket_suite()["train"] if t.family in d.families]
-        batches = hyper_batches(
-            tasks,
-            tok,
-            gist,
-            d.tasks_per_batch,
-            d.queries_per_task,
-            seed=d.seed,
-            repeat_demo_prob=d.repeat_demo_prob,
-            teacher_queries=d.teacher_queries,
-        )
+        episodes = sample_episodes(tasks, d.seed, d.queries_per_task, d.repeat_demo_prob)
+        batches = hyper_batches(episodes, tok, gist, d.tasks_per_batch, teacher_queries=d.teacher_queries)
     else:
         batches = hyperpretrain_batches(load_pocket_corpus(), tok, gist, d.tasks_per_batch, seed=d.seed)
     tcfg: TrainConfig = cfg["train"]

@@ -1,0 +1,637 @@
+"""The one experiment runner: every tier and recipe is a config (configs/*.json) of `run_experiment`.
+
+    1. load     tokenizer + base (pocket: pretrained here as an in-context learner; checkpoint: HF / 4-bit;
+                tiny: a random 4-bit Llama built on the tasks' texts), the data family's `Source`
+    2. methods  each a name in `methods.enabled`, all scored by `gistlib.train.evaluate` on the same test episodes:
+                zero_shot      frozen base, query only
+                icl            frozen base, demos in context (full attention)
+                gisting        the base trained under the gist mask (Mu et al.); its gist K/V are the prefix
+                hyperllama     hyperpretraining, then multi-task training, once per seed (and per k of the sweep)
+                multitask_icl  a LoRA on the base trained on the same episodes with the demos in context
+                prefix_tuning  per test episode from random / vocab / hyperllama starts, 0..N steps
+    3. report   compression (demo tokens per gist token, KV bytes), summary.json, results.md, plots
+
+Every trained model is cached under `run.cache_dir` with the settings that shaped it (settings.json): a
+second run reuses it, an interrupted one resumes, and one asked for with other settings is refused
+(naming the changed fields) or, with `run.retrain`, trained again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import shutil
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from gistlib.config import to_json
+from gistlib.core.hyper import HyperLlama
+from gistlib.core.lm import LMTrainee
+from gistlib.data import Task, pocket_tokenizer
+from gistlib.data.batches import gisting_batches, hyper_batches, hyperpretrain_batches, icl_batches
+from gistlib.data.render import render_hyper_input
+from gistlib.data.sources import Source, load_tasks, make_source, task_texts
+from gistlib.models.tiny import add_gist_tokens, build_tiny_llama, build_tokenizer, gist_token_ids
+from gistlib.train.evaluate import NORMALISATION, evaluate, gist_prefixes, hyper_prefixes, icl, with_prefixes, zero_shot
+from gistlib.train.loop import TrainConfig, train
+from gistlib.train.prefix_tuning import random_prefix, tune_prefixes, vocab_prefix
+
+from .experiment import Experiment
+
+__all__ = [
+    "Bundle",
+    "load_bundle",
+    "run_experiment",
+    "train_base",
+    "train_hyper",
+    "train_gisting",
+    "train_multitask_icl",
+    "prefix_ladder",
+    "check_run_settings",
+    "check_cache_base",
+    "word_ids_of",
+]
+
+
+# --- what a run loads once ------------------------------------------------------------------------
+
+
+@dataclass
+class Bundle:
+    """The experiment, its tokenizer, data source and a way to get a fresh copy of the frozen base."""
+
+    exp: Experiment
+    tokenizer: object
+    source: Source
+    base_dir: Path  # pocket: the base folder; checkpoint / tiny: the checkpoint folder or hub id
+    gist_pool: list[int]  # the gist token ids (the first k are used for k gist tokens)
+
+    def fresh_base(self):
+        """A new copy of the frozen base in evaluation mode (each trained method starts from its own)."""
+        m = self.exp.model
+        if m.source == "pocket":
+            from transformers import LlamaForCausalLM
+
+            return LlamaForCausalLM.from_pretrained(self.base_dir, local_files_only=True).float().eval()
+        from gistlib.models.loading import load_llama
+
+        model = load_llama(
+            str(self.base_dir),
+            quantization=m.quantization or None,
+            gradient_checkpointing=m.gradient_checkpointing,
+        )
+        if max(self.gist_pool) >= model.get_input_embeddings().weight.shape[0]:  # Gisting embeds its gist tokens
+            model.resize_token_embeddings(len(self.tokenizer), mean_resizing=True)
+        return model.eval()
+
+    def gist_ids(self, k: int) -> list[int]:
+        return self.gist_pool[:k]
+
+    @property
+    def fmt(self):
+        return self.source.fmt
+
+    @property
+    def cache(self) -> Path:
+        return Path(self.exp.run.cache_dir)
+
+
+def _pocket_base_dir(exp: Experiment, source: Source, tok) -> Path:
+    """The shipped / given pocket base if it exists, else the one cached in cache_dir/base (trained if absent)."""
+    cached = Path(exp.run.cache_dir) / "base"
+    candidates = ([exp.model.resolved_path] if exp.model.path else []) + [cached]
+    found = next((c for c in candidates if (c / "model.safetensors").exists()), None)
+    if found is None:
+        train_base(exp, source, tok, cached)
+        found = cached
+    check_cache_base(Path(exp.run.cache_dir), found)
+    return found
+
+
+def load_bundle(exp: Experiment) -> Bundle:
+    """Tokenizer, data source (tasks fitted to the budgets) and base for `exp`; trains the pocket base if needed."""
+    k_max = max(exp.gist_counts)
+    m = exp.model
+    if m.source == "pocket":
+        tok = pocket_tokenizer(max(16, k_max))
+        source = make_source(exp.data, tok, exp.hyper.num_gist_tokens)
+        return Bundle(exp, tok, source, _pocket_base_dir(exp, source, tok), gist_token_ids(tok)[:k_max])
+    from transformers import AutoTokenizer
+
+    tasks = None
+    path = Path(m.path) if m.source == "checkpoint" else Path(exp.run.cache_dir) / "tiny_model"
+    if m.source == "tiny":
+        tasks = {w: load_tasks(exp.data, w) for w in ("train", "validation", "eval")}
+        if not (path / "model.safetensors").exists():
+            build_tiny_checkpoint(task_texts([t for ts in tasks.values() for t in ts]), path, k_max, m)
+    tok = AutoTokenizer.from_pretrained(str(path))
+    gist = add_gist_tokens(tok, k_max)[:k_max]
+    source = make_source(exp.data, tok, exp.hyper.num_gist_tokens, tasks)
+    return Bundle(exp, tok, source, path, gist)
+
+
+def build_tiny_checkpoint(texts, path: Path, num_gist_tokens: int, m) -> Path:
+    """A random tiny Llama (`model` section sizes; multiples of 64 for 4-bit) and a byte-level BPE tokenizer
+    trained on `texts`, saved to `path` (loadable with `load_llama(path, quantization="nf4")`)."""
+    tokenizer = build_tokenizer(texts, num_gist_tokens, kind="bpe", vocab_size=1024)
+    model = build_tiny_llama(
+        tokenizer=tokenizer,
+        hidden_size=m.hidden,
+        intermediate_size=m.mlp,
+        num_layers=m.layers,
+        num_heads=m.heads,
+        num_kv_heads=m.kv_heads,
+        seed=0,
+    )
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+# --- settings stamps --------------------------------------------------------------------------------
+
+
+def _stamp(exp: Experiment, sections: dict[str, tuple[str, ...] | None], **extra) -> dict:
+    """The settings that shape one cached model: whole sections (None) or some of their fields."""
+    out = {}
+    for name, names in sections.items():
+        values = to_json(getattr(exp, name))
+        out[name] = values if names is None else {n: values[n] for n in names}
+    return {**out, **extra}
+
+
+def check_run_settings(run: Path, settings: dict, retrain: bool = False) -> None:
+    """Record the settings a cached run was trained with (run/settings.json); refuse a run trained otherwise.
+
+    retrain: delete such a run instead, so that it is trained again with the settings asked for."""
+    path = run / "settings.json"
+    if not path.exists() and run.exists() and any(run.iterdir()):
+        if not retrain:
+            raise RuntimeError(f"{run} was trained before its settings were recorded: delete {run} to retrain it")
+        shutil.rmtree(run)
+    before = json.loads(path.read_text()) if path.exists() else settings
+    if before != settings:
+        flat = lambda d: {
+            f"{s}.{n}": v for s, sec in d.items() for n, v in (sec.items() if isinstance(sec, dict) else [("", sec)])
+        }  # noqa: E501
+        b, a = flat(before), flat(settings)
+        diff = ", ".join(f"{n}: {b.get(n)!r} -> {a.get(n)!r}" for n in sorted(set(a) | set(b)) if b.get(n) != a.get(n))
+        if not retrain:
+            raise RuntimeError(
+                f"{run} was trained with other settings ({diff}): delete {run} to retrain it, set "
+                f"run.retrain=true, or choose another run.cache_dir"
+            )
+        shutil.rmtree(run)
+    run.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(settings, indent=1))
+
+
+def _fingerprint(base_dir: Path) -> str:
+    return hashlib.sha256((base_dir / "model.safetensors").read_bytes()).hexdigest()[:16]
+
+
+def check_cache_base(cache_dir: Path, base_dir: Path) -> None:
+    """Record which base the models in `cache_dir` build on; refuse to mix them with another base's models."""
+    stamp = cache_dir / "base_fingerprint.txt"
+    now = _fingerprint(base_dir)
+    before = stamp.read_text().strip() if stamp.exists() else now
+    if before != now:
+        raise RuntimeError(
+            f"{cache_dir} holds models trained over another base than {base_dir} (fingerprint {before!r}"
+            f" != {now!r}): delete {cache_dir} (or choose another run.cache_dir) to retrain them over this base"
+        )
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(now)
+
+
+# --- training stages --------------------------------------------------------------------------------
+
+
+def _stage(exp: Experiment, steps: int, lr: float, out_dir: Path, seed: int, warmup_cap: int) -> TrainConfig:
+    """A trained method's optimisation: warmup (10%, at most `warmup_cap` steps), decay to 0.1 lr, validation
+    every `train.eval_every` steps keeping the best weights."""
+    t = exp.train
+    return TrainConfig(
+        steps=steps,
+        lr=lr,
+        warmup_steps=min(warmup_cap, steps // 10),
+        final_lr_fraction=0.1,
+        grad_accum=t.grad_accum,
+        gradient_checkpointing=exp.model.gradient_checkpointing,
+        eval_every=t.eval_every,
+        patience=t.patience,
+        out_dir=str(out_dir),
+        progress=exp.run.progress,
+        seed=seed,
+        log_every=25,
+    )
+
+
+def _load_best(trainee, run_dir: Path) -> None:
+    """Load the best-on-validation weights of a finished run, if it evaluated (else keep the last ones)."""
+    best = run_dir / "best" / "model"
+    if best.exists():
+        trainee.load_trainable(best)
+
+
+def _keep_best(trainee, run_dir: Path, final_dir: Path) -> None:
+    _load_best(trainee, run_dir)
+    trainee.save_pretrained(final_dir)
+
+
+def _read_log(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+
+
+def _accuracy(method, episodes, b: Bundle) -> float:
+    return evaluate(method, episodes, b.tokenizer, b.fmt, b.exp.eval.batch_size, b.exp.eval.max_new_tokens).accuracy
+
+
+def _icl_method(model, b: Bundle, name: str = "icl"):
+    d = b.exp.data
+    return icl(model, b.tokenizer, b.fmt, max_tokens=d.max_hyper_tokens + d.max_tokens, name=name)
+
+
+def _base_stage(exp, source: Source, tok, model, levels, steps: int, minutes: float, run_dir: Path) -> list[dict]:
+    """One pretraining stage of the pocket base on `levels`; loads its best-on-validation weights into `model`."""
+    bcfg = exp.base
+    val = source.validation_episodes(exp.train.val_episodes)
+    tcfg = TrainConfig(
+        steps=steps,
+        lr=bcfg.lr,
+        warmup_steps=min(100, steps // 10),
+        final_lr_fraction=bcfg.final_lr,
+        eval_every=bcfg.eval_every,
+        patience=exp.train.patience,
+        out_dir=str(run_dir),
+        progress=exp.run.progress,
+        log_every=50,
+        save_every=bcfg.eval_every,
+        max_seconds=60 * minutes,
+    )
+    trainee = LMTrainee(model)
+    tasks = [t for t in source.train if t.meta.get("level") in levels]
+    episodes = source.episodes(tasks, 0, 1, exp.data.repeat_demo_prob)
+    batches = icl_batches(
+        episodes, tok, bcfg.batch, fmt=source.fmt, label_demos=bcfg.label_demos, copy_demos_prob=bcfg.copy_demos
+    )
+    score = lambda m, step: evaluate(icl(m.model, tok, source.fmt), val, tok, source.fmt).accuracy
+    records = train(trainee, batches, tcfg, evaluate=score)
+    _load_best(trainee, run_dir)
+    shutil.rmtree(run_dir, ignore_errors=True)  # optimizer states etc.: not needed once trained
+    return records
+
+
+def train_base(exp: Experiment, source: Source, tok, out_dir: Path):
+    """Pretrain the pocket base as an in-context learner, in two stages (`base` section): `warmup_steps` on the
+    easiest levels (where in-context learning starts), then `steps` on `levels`; each stage keeps its best
+    validation weights. With `base.init`, stage 1 is replaced by that checkpoint. Log: out_dir/train_log.json."""
+    from transformers import LlamaForCausalLM
+
+    bcfg, m = exp.base, exp.model
+    check_run_settings(out_dir, _stamp(exp, {"model": None, "base": None, "data": None}), exp.run.retrain)
+    records: list[dict] = []
+    if bcfg.init:
+        model = LlamaForCausalLM.from_pretrained(bcfg.init, local_files_only=True).float().train()
+    else:
+        model = build_tiny_llama(
+            tokenizer=tok,
+            hidden_size=m.hidden,
+            num_layers=m.layers,
+            num_heads=m.heads,
+            num_kv_heads=m.kv_heads,
+            intermediate_size=m.mlp,
+            max_position_embeddings=512,
+        )
+        if bcfg.warmup_steps:
+            stage1 = _base_stage(
+                exp, source, tok, model, bcfg.warmup_levels, bcfg.warmup_steps, 0.0, out_dir / "stage1"
+            )
+            records += [{**r, "stage": 1} for r in stage1]
+    levels = bcfg.levels or exp.data.levels
+    stage2 = _base_stage(exp, source, tok, model, levels, bcfg.steps, bcfg.max_minutes, out_dir / "run")
+    records += [{**r, "stage": 2} for r in stage2]
+    model.save_pretrained(out_dir)
+    (out_dir / "train_log.json").write_text(json.dumps(records, indent=0))
+    return model.eval()
+
+
+HYPER_TRAIN_FIELDS = (
+    "hyperpretrain_steps", "hyperpretrain_context", "hyper_steps", "hyper_lr", "tasks_per_batch", "queries_per_task",
+    "teacher_queries", "grad_accum", "eval_every", "patience", "val_episodes",
+)  # fmt: skip
+
+
+def hyper_prefix_method(hyper: HyperLlama, episodes, b: Bundle, name: str = "hyperllama"):
+    """HyperLlama's prefixes for `episodes`, read by the frozen base (call inside `hyper.downstream_mode()`)."""
+    prefixes = hyper_prefixes(hyper, episodes, b.tokenizer, b.fmt, b.exp.data.max_hyper_tokens)
+    return with_prefixes(name, hyper.base, prefixes, b.tokenizer, b.fmt), prefixes
+
+
+def train_hyper(b: Bundle, k: int, seed: int) -> tuple[HyperLlama, list[dict]]:
+    """Hyperpretrain, then multi-task train one HyperLlama (cached in cache_dir/hyper-k{k}-s{seed})."""
+    exp, tok = b.exp, b.tokenizer
+    gist = b.gist_ids(k)
+    run = b.cache / f"hyper-k{k}-s{seed}"
+    hcfg = replace(exp.hyper, num_gist_tokens=k, seed=seed)
+    settings = _stamp(exp, {"model": None, "data": None, "train": HYPER_TRAIN_FIELDS}, hyper=to_json(hcfg))
+    check_run_settings(run, settings, exp.run.retrain)
+    hyper = HyperLlama(b.fresh_base(), gist, hcfg)
+    if (run / "final" / "hyper_config.json").exists():
+        hyper.load_trainable(run / "final")
+        return hyper.eval(), _read_log(run / "multitask" / "metrics.jsonl")
+    t, d = exp.train, exp.data
+    if t.hyperpretrain_steps:
+        pre = TrainConfig(
+            steps=t.hyperpretrain_steps,
+            lr=t.hyper_lr,
+            warmup_steps=min(20, t.hyperpretrain_steps),
+            grad_accum=t.grad_accum,
+            gradient_checkpointing=exp.model.gradient_checkpointing,
+            out_dir=str(run / "hyperpretrain"),
+            progress=exp.run.progress,
+            seed=seed,
+            log_every=25,
+        )
+        corpus = b.source.corpus()
+        stream = hyperpretrain_batches(corpus, tok, gist, t.tasks_per_batch, t.hyperpretrain_context, 16, seed=seed)
+        train(hyper, stream, pre)
+    val = b.source.validation_episodes(t.val_episodes)
+
+    def val_score(h, step):
+        h.eval()
+        with torch.no_grad(), h.downstream_mode():
+            return _accuracy(hyper_prefix_method(h, val, b)[0], val, b)
+
+    teacher = t.teacher_queries if exp.hyper.distill_weight > 0 else 0
+    batches = hyper_batches(
+        b.source.training_episodes(seed, t.queries_per_task),
+        tok,
+        gist,
+        t.tasks_per_batch,
+        b.fmt,
+        d.max_hyper_tokens,
+        d.max_tokens,
+        teacher,
+    )
+    main = _stage(exp, t.hyper_steps, t.hyper_lr, run / "multitask", seed, warmup_cap=100)
+    records = train(hyper, batches, main, evaluate=val_score if t.eval_every else None)
+    _keep_best(hyper, run / "multitask", run / "final")
+    return hyper.eval(), records
+
+
+def _lm_trainee(b: Bundle, run: Path, settings: dict, mask: str, lora_rank: int, k: int = 0) -> tuple[LMTrainee, bool]:
+    """A fresh base as an LMTrainee (loaded from run/final if cached); True if it still has to be trained."""
+    check_run_settings(run, settings, b.exp.run.retrain)
+    trainee = LMTrainee(
+        b.fresh_base(), mask=mask, gist_token_ids=b.gist_ids(k) if k else None,
+        lora_rank=lora_rank, lora_alpha=b.exp.hyper.lora_alpha,
+    )  # fmt: skip
+    cached = (run / "final" / "model.safetensors").exists() or (run / "final" / "adapter_model.safetensors").exists()
+    if cached:
+        trainee.load_trainable(run / "final")
+    return trainee, not cached
+
+
+def gisting_method(model, episodes, b: Bundle, k: int):
+    """Gisting's own gist prefix over `[BOS] demos G..`, then the query (no BOS: the same sequence)."""
+    prefixes = gist_prefixes(model, episodes, b.tokenizer, b.gist_ids(k), b.fmt, b.exp.data.max_hyper_tokens)
+    return with_prefixes("gisting", model, prefixes, b.tokenizer, b.fmt, bos=False)
+
+
+def train_gisting(b: Bundle, k: int) -> tuple[LMTrainee, list[dict]]:
+    """The base trained under the gist mask (Gisting; `train.adapter`: every weight or a LoRA); cache_dir/gisting-k{k}."""
+    exp, t = b.exp, b.exp.train
+    run = b.cache / f"gisting-k{k}"
+    rank = exp.hyper.lora_rank if t.adapter == "lora" else 0
+    fields = ("gisting_steps", "gisting_lr", "gisting_batch", "adapter", "grad_accum", "eval_every", "patience",
+              "val_episodes")  # fmt: skip
+    settings = _stamp(exp, {"model": None, "data": None, "train": fields}, k=k, lora_rank=rank)
+    trainee, todo = _lm_trainee(b, run, settings, "gist", rank, k)
+    if not todo:
+        return trainee.eval(), _read_log(run / "run" / "metrics.jsonl")
+    val = b.source.validation_episodes(t.val_episodes)
+    score = lambda tr, step: _accuracy(gisting_method(tr.eval().model, val, b, k), val, b)
+    d = exp.data
+    batches = gisting_batches(
+        b.source.training_episodes(0, 1),
+        b.tokenizer,
+        b.gist_ids(k),
+        t.gisting_batch,
+        b.fmt,
+        d.max_hyper_tokens + d.max_tokens,
+    )
+    tcfg = _stage(exp, t.gisting_steps, t.gisting_lr, run / "run", seed=0, warmup_cap=50)
+    records = train(trainee, batches, tcfg, evaluate=score if t.eval_every else None)
+    _keep_best(trainee, run / "run", run / "final")
+    return trainee.eval(), records
+
+
+def train_multitask_icl(b: Bundle) -> tuple[LMTrainee, list[dict]]:
+    """The paper's multi-task baseline with full attention over the demos: a LoRA (hyper.lora_rank) on the base,
+    trained on the same episodes as the other methods with the demos in context; cache_dir/multitask-icl."""
+    exp, t = b.exp, b.exp.train
+    run = b.cache / "multitask-icl"
+    fields = ("multitask_steps", "multitask_lr", "multitask_batch", "grad_accum", "eval_every", "patience",
+              "val_episodes")  # fmt: skip
+    settings = _stamp(exp, {"model": None, "data": None, "train": fields}, lora_rank=exp.hyper.lora_rank)
+    trainee, todo = _lm_trainee(b, run, settings, "causal", exp.hyper.lora_rank)
+    if not todo:
+        return trainee.eval(), _read_log(run / "run" / "metrics.jsonl")
+    val = b.source.validation_episodes(t.val_episodes)
+    score = lambda tr, step: _accuracy(_icl_method(tr.eval().model, b, "multitask_icl"), val, b)
+    d = exp.data
+    episodes = b.source.training_episodes(0, 1)
+    batches = icl_batches(
+        episodes, b.tokenizer, t.multitask_batch, fmt=b.fmt, max_tokens=d.max_hyper_tokens + d.max_tokens
+    )
+    tcfg = _stage(exp, t.multitask_steps, t.multitask_lr, run / "run", seed=0, warmup_cap=50)
+    records = train(trainee, batches, tcfg, evaluate=score if t.eval_every else None)
+    _keep_best(trainee, run / "run", run / "final")
+    return trainee.eval(), records
+
+
+# --- prefix tuning and compression -----------------------------------------------------------------
+
+
+def word_ids_of(tok) -> list[int]:
+    """The ids of the tokenizer's ordinary tokens, in id order (`get_vocab()`'s order changes from run to run)."""
+    return sorted(i for i in tok.get_vocab().values() if i not in tok.all_special_ids)
+
+
+def prefix_ladder(b: Bundle, hyper: HyperLlama, hyper_pref, test) -> dict:
+    """Prefix tuning from the configured starts on the first `methods.prefix_episodes` test episodes; the metric
+    per budget of steps."""
+    exp, tok = b.exp, b.tokenizer
+    episodes = test[: exp.methods.prefix_episodes]
+    start_hyper = hyper_pref.rows(list(range(len(episodes))))
+    out: dict[str, dict] = {}
+    with hyper.downstream_mode():
+        model = hyper.base
+        starts = {
+            "random": lambda: random_prefix(start_hyper, len(episodes), seed=0),
+            "vocab": lambda: vocab_prefix(model, word_ids_of(tok), len(episodes), hyper.config.num_gist_tokens, seed=0),
+            "hyperllama": lambda: start_hyper,
+        }
+        chosen = [s for s in starts if s in exp.methods.prefix_starts]
+        for start in tqdm(chosen, desc="prefix tuning", disable=not exp.run.progress):
+            name = f"prefix_tuning_{start}"
+            per_budget = {}
+
+            def on_budget(steps, prefix, name=name, per_budget=per_budget):
+                res = evaluate(
+                    with_prefixes(name, model, prefix, tok, b.fmt), episodes, tok, b.fmt, exp.eval.batch_size,
+                    exp.eval.max_new_tokens,
+                )  # fmt: skip
+                per_budget[str(steps)] = res.as_dict()
+
+            m = exp.methods
+            tune_prefixes(
+                model, starts[start](), episodes, tok, b.fmt, m.prefix_budgets, m.prefix_lr, on_budget,
+                exp.data.max_hyper_tokens,
+            )  # fmt: skip
+            out[name] = per_budget
+    return out
+
+
+def compression(b: Bundle, base, episodes, k: int) -> dict:
+    """Demo tokens per gist token and prefix KV bytes vs the demos' KV bytes (float32)."""
+    gist = b.gist_ids(k)
+    demo_tokens = [
+        len(render_hyper_input(ep, b.tokenizer, gist, b.fmt, b.exp.data.max_hyper_tokens)) - k for ep in episodes
+    ]
+    mean_demo = sum(demo_tokens) / len(demo_tokens)
+    c = base.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    per_token = c.num_hidden_layers * 2 * c.num_key_value_heads * head_dim * 4
+    return {
+        "k": k,
+        "mean_demo_tokens": mean_demo,
+        "demo_tokens_per_gist_token": mean_demo / k,
+        "prefix_kv_bytes": per_token * k,
+        "demo_kv_bytes": per_token * mean_demo,
+        "kv_ratio": k / mean_demo,
+    }
+
+
+def environment() -> dict:
+    """What shapes the numbers besides the config: threads, versions, device."""
+    import transformers
+
+    return {
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu",
+    }
+
+
+# --- the run ---------------------------------------------------------------------------------------
+
+
+def _by_group(result, groups: list[str]) -> dict[str, float]:
+    out: dict[str, list[float]] = {}
+    for v, g in zip(result.per_episode, groups):
+        out.setdefault(g, []).append(v)
+    return {g: sum(v) / len(v) for g, v in sorted(out.items())}
+
+
+def run_experiment(exp: Experiment, bundle: Bundle | None = None) -> dict:
+    """Run every enabled method of `exp` on the same test episodes; the summary (also out_dir/summary.json)."""
+    from .report import write_report
+
+    if exp.run.threads:
+        torch.set_num_threads(exp.run.threads)
+    t0 = time.perf_counter()
+    out = Path(exp.run.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+
+    def lap(name):
+        timings[name] = round(time.perf_counter() - t0 - sum(timings.values()), 1)
+
+    b = bundle or load_bundle(exp)
+    tok, fmt, ev = b.tokenizer, b.fmt, exp.eval
+    lap("load")
+    test = b.source.test_episodes(ev.test_episodes, ev.queries_per_episode, ev.seed)
+    groups = [b.source.group(ep) for ep in test]
+    results: dict[str, dict] = {}
+    logs: dict[str, list] = {}
+
+    def score(method) -> dict:
+        res = evaluate(method, test, tok, fmt, ev.batch_size, ev.max_new_tokens)
+        return {**res.as_dict(), "by_group": _by_group(res, groups)}
+
+    base = b.fresh_base()
+    if exp.runs("zero_shot"):
+        results["zero_shot"] = score(zero_shot(base, tok, fmt))
+    if exp.runs("icl"):
+        results["icl"] = score(_icl_method(base, b))
+    lap("baselines")
+
+    k0 = exp.hyper.num_gist_tokens
+    if exp.runs("gisting"):
+        gist_model, logs["gisting"] = train_gisting(b, k0)
+        results["gisting"] = score(gisting_method(gist_model.model, test, b, k0))
+        del gist_model
+        lap("gisting")
+
+    per_seed, sweep, main = {}, {}, None
+    if exp.runs("hyperllama") or exp.runs("prefix_tuning"):
+        runs = [(k0, s) for s in exp.run.seeds] + [(k, exp.run.seeds[0]) for k in exp.gist_counts if k != k0]
+        for k, seed in tqdm(runs, desc="hyperllama runs", disable=not exp.run.progress):
+            hyper, log = train_hyper(b, k, seed)
+            with torch.no_grad(), hyper.downstream_mode():
+                method, prefixes = hyper_prefix_method(hyper, test, b)
+                entry = score(method)
+            if k == k0:
+                per_seed[str(seed)] = entry
+                logs[f"hyperllama_seed{seed}"] = log
+                if main is None:
+                    main = (hyper, prefixes)
+            sweep.setdefault(str(k), entry)  # for k0: the first seed
+        accs = [v["accuracy"] for v in per_seed.values()]
+        results["hyperllama"] = {
+            **per_seed[str(exp.run.seeds[0])],
+            "per_seed": per_seed,
+            "mean_over_seeds": sum(accs) / len(accs),
+        }
+        lap("hyperllama")
+    ladder = prefix_ladder(b, main[0], main[1], test) if exp.runs("prefix_tuning") else {}
+    lap("prefix_tuning")
+
+    if exp.runs("multitask_icl"):
+        mt, logs["multitask_icl"] = train_multitask_icl(b)
+        results["multitask_icl"] = score(_icl_method(mt.model, b, "multitask_icl"))
+        lap("multitask_icl")
+
+    summary = {
+        "name": exp.run.name,
+        "family": exp.data.family,
+        "config": exp.to_dict(),
+        "environment": environment(),
+        "normalisation": NORMALISATION,
+        "methods": results,
+        "prefix_tuning": ladder,
+        "gist_sweep": sweep if exp.runs("hyperllama") else {},
+        "compression": [compression(b, base, test, k) for k in exp.gist_counts],
+        "data": {"train_tasks": len(b.source.train), "test_tasks": len(b.source.test), "test_episodes": len(test),
+                 "skipped": b.source.report.num_skipped, "skipped_reasons": list(b.source.report.skipped)[:50]},
+        "timings_s": timings,
+        "wall_time_s": round(time.perf_counter() - t0, 1),
+        "logs": logs,
+    }  # fmt: skip
+    write_report(summary, out)
+    return summary
+
+
+def selected_tasks(tasks: list[Task], exp: Experiment) -> list[Task]:
+    """Pocket tasks of the configured families and levels (what a lesson shows of the suite)."""
+    d = exp.data
+    return [t for t in tasks if t.family in d.train_tasks and (not d.levels or t.meta.get("level") in d.levels)]
