@@ -2,8 +2,8 @@
 
 Executed copies and their JSON results go to a temporary folder; trained smoke models are shared
 between the notebooks through one temporary RUN_DIR, as a learner's runs/ folder would be.
-The committed notebooks must carry no outputs and no widget state, and must be what
-`notebooks/build_notebooks.py` writes.
+The committed notebooks must carry no outputs and no widget state, and each must have the same cells as
+its jupytext pair `notebooks/0N_*.py` (edit the .py, then `jupytext --sync notebooks/0*.py`).
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 from pathlib import Path
 
 import nbformat
@@ -20,6 +19,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 NB_DIR = ROOT / "notebooks"
 NOTEBOOKS = sorted(NB_DIR.glob("0*.ipynb"))
+SCRIPTS = sorted(NB_DIR.glob("0*.py"))  # the jupytext pairs of NOTEBOOKS
 NEEDS_SHARED_DATA = {"07_llama2_4bit"}  # its recipe reads SST-2/TREC/CB/RTE from ../shared/data
 THREAD_ENV = {
     "OMP_NUM_THREADS": "1",
@@ -47,17 +47,43 @@ def test_committed_without_outputs_or_widget_state(path):
     assert len(tagged) == 1 and nb.cells.index(tagged[0]) == 1, "the parameters cell comes right after the title"
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebooks_are_generated(path):
-    """The committed file is exactly what the generator writes (edit build_notebooks.py, not the .ipynb)."""
-    sys.path.insert(0, str(NB_DIR))
-    try:
-        import build_notebooks
-    finally:
-        sys.path.pop(0)
-    assert nbformat.writes(build_notebooks.build(path.stem)).rstrip("\n") == path.read_text().rstrip("\n"), (
-        f"{path.name} differs from the generator: run python notebooks/build_notebooks.py"
-    )
+def out_of_sync(script: Path, notebook: Path) -> list[str]:
+    """How the committed notebook's cells (type, source, tags) differ from its jupytext .py; [] when in sync."""
+    import jupytext
+
+    want, have = jupytext.read(script).cells, nbformat.read(notebook, as_version=4).cells
+    problems = [f"{script.name} has {len(want)} cells, {notebook.name} {len(have)}"] if len(want) != len(have) else []
+    for i, (w, h) in enumerate(zip(want, have)):
+        w, h = _cell_fields(w), _cell_fields(h)
+        problems += [f"cell {i}: the {what} differs" for what in w if w[what] != h[what]]
+    return problems
+
+
+def _cell_fields(cell) -> dict:
+    return {"type": cell.cell_type, "source": cell.source, "tags": cell.metadata.get("tags", [])}
+
+
+def test_every_notebook_has_its_pair():
+    assert [p.stem for p in SCRIPTS] == [p.stem for p in NOTEBOOKS], "each 0N_*.ipynb needs its 0N_*.py and vice versa"
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.stem)
+def test_notebook_is_in_sync_with_its_script(script):
+    pytest.importorskip("jupytext")
+    problems = out_of_sync(script, script.with_suffix(".ipynb"))
+    assert not problems, f"{script.name} and its .ipynb differ ({'; '.join(problems)}): jupytext --sync notebooks/0*.py"
+
+
+def test_out_of_sync_is_detected(tmp_path):
+    pytest.importorskip("jupytext")
+    script, notebook = tmp_path / SCRIPTS[0].name, tmp_path / NOTEBOOKS[0].name
+    notebook.write_text(NOTEBOOKS[0].read_text())
+    script.write_text(SCRIPTS[0].read_text())
+    assert out_of_sync(script, notebook) == []
+    text = SCRIPTS[0].read_text()
+    assert "T0 = time.perf_counter()\n" in text
+    script.write_text(text.replace("T0 = time.perf_counter()\n", "T0 = time.perf_counter() - 1\n", 1))  # a code cell
+    assert out_of_sync(script, notebook) == ["cell 2: the source differs"]
 
 
 def parameter_names(path: Path) -> set[str]:

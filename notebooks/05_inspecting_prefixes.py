@@ -1,0 +1,227 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     notebook_metadata_filter: language_info,-jupytext.text_representation.jupytext_version
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+#   language_info:
+#     codemirror_mode:
+#       name: ipython
+#       version: 3
+#     file_extension: .py
+#     mimetype: text/x-python
+#     name: python
+#     nbconvert_exporter: python
+#     pygments_lexer: ipython3
+#     version: '3.11'
+# ---
+
+# %% [markdown]
+# # 5. Inspecting prefixes
+#
+# Goal: look at what the hypernetwork writes. A prefix is, for every layer, k key vectors and k value
+# vectors per key/value head. You will browse them with a widget, compare their norms across layers, ask
+# whether prefixes of the same task resemble each other more than prefixes of different tasks (heatmap and
+# a 2-D projection), watch a prefix change as demos are added, and finally write a task of your own in
+# the playground and compare HyperLlama's answers with in-context learning's and zero-shot's.
+
+# %% tags=["parameters"]
+TIER: str = "pocket"  # smoke | pocket (the llama2 tier is lesson 7)
+SEED: int = 0
+TASKS_PER_LEVEL: int = 0  # held-out tasks per level; 0: smoke 2, pocket 4
+EPISODES_PER_TASK: int = 3  # different demo sets of the same task
+RUN_DIR: str = "runs"
+THREADS: int = 0  # torch threads (0: leave as is)
+RESULTS_PATH: str = "results/notebooks/05.json"
+
+# %%
+# versions and device
+# %matplotlib inline
+import json
+import platform
+import time
+from pathlib import Path
+
+import matplotlib
+import peft
+import torch
+import transformers
+
+import gistlib
+
+ROOT = Path(list(gistlib.__path__)[0]).resolve().parent  # the repository: relative paths below start here
+if THREADS:
+    torch.set_num_threads(THREADS)
+torch.manual_seed(SEED)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+print(f"python {platform.python_version()} | torch {torch.__version__} | transformers {transformers.__version__} "
+      f"| peft {peft.__version__} | matplotlib {matplotlib.__version__}")
+print(f"device {DEVICE}" + (f" ({torch.cuda.get_device_name(0)})" if DEVICE == "cuda" else "")
+      + f" | torch threads {torch.get_num_threads()} | tier {TIER}")
+T0 = time.perf_counter()
+RESULTS: dict = {"tier": TIER}
+
+# %%
+# the tier's configuration, the pocket suite, its word-level tokenizer and the pretrained base
+from gistlib.course.pipeline import load_base, select, tier_config
+
+from gistlib.data import COMPACT as FMT
+from gistlib.data import load_pocket_suite, pocket_tokenizer
+
+assert TIER in ("smoke", "pocket"), "this lesson runs in the smoke and pocket tiers; the llama2 tier is lesson 7"
+CACHE = ROOT / RUN_DIR / TIER  # trained models are cached here (`python -m gistlib course` fills it)
+cfg = tier_config(TIER, cache_dir=str(CACHE), out_dir=str(ROOT / "results" / TIER))
+suite = load_pocket_suite()
+tok = pocket_tokenizer(16)
+t = time.perf_counter()
+base, base_dir = load_base(cfg, suite, tok)  # trains the base if it is not cached (pocket: minutes)
+print(f"base from {base_dir} ({time.perf_counter() - t:.0f} s): {sum(p.numel() for p in base.parameters()):,} "
+      f"parameters, {base.config.num_hidden_layers} layers, vocabulary {len(tok)}")
+
+# %%
+from gistlib.course.pipeline import train_hyper
+
+K = cfg.num_gist_tokens
+t = time.perf_counter()
+hyper, hyper_log = train_hyper(cfg, suite, tok, base_dir, K, cfg.seeds[0])  # the course's model (trained if missing)
+hyper.eval()
+print(f"HyperLlama k={K}, seed {cfg.seeds[0]} ({time.perf_counter() - t:.0f} s; {len(hyper_log)} logged steps)")
+
+# %%
+from gistlib.data import EpisodeSampler
+from gistlib.train.evaluate import hyper_prefixes
+
+TASKS_PER_LEVEL = TASKS_PER_LEVEL or (2 if TIER == "smoke" else 4)
+test_tasks = select(suite["test"], cfg)
+by_level = {}
+for t in test_tasks:
+    by_level.setdefault(t.meta["level"], [])
+    if len(by_level[t.meta["level"]]) < TASKS_PER_LEVEL:
+        by_level[t.meta["level"]].append(t)
+tasks = [t for lvl in sorted(by_level) for t in by_level[lvl]]
+episodes = [ep for i, t in enumerate(tasks)
+            for ep in EpisodeSampler([t], None, 2, seed=SEED + i, num_episodes=EPISODES_PER_TASK)
+            .take(EPISODES_PER_TASK)]
+names = [f"{ep.task.split('-')[-1]}/{i % EPISODES_PER_TASK}" for i, ep in enumerate(episodes)]
+task_of = [ep.task for ep in episodes]
+level = [next(t.meta["level"] for t in tasks if t.name == ep.task) for ep in episodes]
+prefixes = hyper_prefixes(hyper, episodes, tok, FMT)
+print(f"{len(tasks)} tasks x {EPISODES_PER_TASK} demo sets -> prefixes (layers, B, kv heads, k, head dim) = "
+      f"{tuple(prefixes.keys.shape)}")
+RESULTS["prefix_shape"] = list(prefixes.keys.shape)
+
+# %% [markdown]
+# ## Browse a prefix: task, layer, head, keys or values
+
+# %%
+from gistlib.course.viz import plot_prefix_slice
+from gistlib.course.widgets import prefix_widget
+
+plot_prefix_slice(prefixes, row=0, layer=0, head=0, kind="keys")
+
+# %%
+prefix_widget(prefixes, names);
+
+# %% [markdown]
+# ## Norms per layer
+# Keys leave each layer rotated by RoPE but their length is unchanged by the rotation, so norms compare
+# layers fairly. The band spans the prefixes of all tasks.
+
+# %%
+from gistlib.course.viz import plot_prefix_norms, prefix_norms
+
+norms = prefix_norms(prefixes)
+RESULTS["key_norm_per_layer"] = norms["keys"].mean(1).tolist()
+RESULTS["value_norm_per_layer"] = norms["values"].mean(1).tolist()
+plot_prefix_norms(prefixes)
+
+# %% [markdown]
+# ## Do prefixes of the same task look alike?
+# Cosine similarity of the flattened prefixes after removing the mean prefix, ordered by task: a
+# hypernetwork that encodes the *task* (and not the particular demos) shows blocks along the diagonal.
+
+# %%
+from gistlib.course.viz import plot_similarity, prefix_similarity
+
+sim = prefix_similarity(prefixes)
+same = torch.tensor([[a == b for b in task_of] for a in task_of])
+off = ~torch.eye(len(task_of), dtype=torch.bool)
+same_task, other_task = float(sim[same & off].mean()), float(sim[~same].mean())
+print(f"mean similarity: same task, other demos {same_task:.3f}; different tasks {other_task:.3f}")
+RESULTS["similarity_same_task"], RESULTS["similarity_other_task"] = same_task, other_task
+plot_similarity(sim, names, title="prefix similarity (centred cosine), ordered by task")
+
+# %%
+from gistlib.course.viz import plot_projection, project_2d
+
+points = project_2d(prefixes)
+RESULTS["projection_shape"] = list(points.shape)
+plot_projection(points, level, title="prefixes, PCA, coloured by level (number of categories)")
+
+# %%
+plot_projection(points, [n.split("/")[0] for n in names], title="the same points coloured by task")
+
+# %% [markdown]
+# ## Adding demos one at a time
+# The hypernetwork reads the first 0, 1, 2, ... demos of one episode. How far is each prefix from the one
+# made from all demos (relative distance per layer)? And do more demos give better answers?
+
+# %%
+from dataclasses import replace
+
+from gistlib.course.viz import plot_prefix_change, prefix_change, prefixes_by_demo_count
+from gistlib.train.evaluate import evaluate, with_prefixes
+
+ep = episodes[-1]  # a task of the highest level
+counts = list(range(len(ep.demos) + 1))
+grown = prefixes_by_demo_count(hyper, ep, tok, FMT, counts)
+change = prefix_change(grown)  # (layers, len(counts)), relative to the all-demos prefix
+acc_by_count = []
+with hyper.downstream_mode():
+    for i, c in enumerate(counts):
+        acc_by_count.append(evaluate(with_prefixes("hyperllama", hyper.base, grown.rows([i]), tok, FMT),
+                                     [replace(ep, demos=ep.demos[:c])], tok, FMT).accuracy)
+print("demos read:     ", counts)
+print("query accuracy: ", [round(a, 2) for a in acc_by_count])
+RESULTS["change_no_demos"], RESULTS["change_all_demos"] = float(change[:, 0].mean()), float(change[:, -1].mean())
+plot_prefix_change(change, counts, title=f"{ep.task}: prefix vs demos read")
+
+# %% [markdown]
+# ## The playground
+# Make up a task: give each of a few words a symbol, one `word SYMBOL` per line, then ask about other words.
+# The words and symbols must come from the pocket vocabulary (below); words of the same category share a
+# meaning the base learned, so a symbol given to one word of a category should carry over to the others.
+
+# %%
+from gistlib.course.widgets import format_playground, playground, playground_widget
+from gistlib.data.pocket import pocket_world
+
+world = pocket_world()
+for i, words in enumerate(world["categories"]):
+    print(f"category {i}: {' '.join(words)}")
+print("symbols:", " ".join(world["symbols"]))
+cats, syms = world["categories"][:2], world["symbols"][-2:]
+DEMOS = "\n".join(f"{w} {s}" for s, words in zip(syms, cats) for w in words[:2])
+QUERIES = " ".join(words[-1] for words in cats)
+table = playground(hyper, tok, DEMOS, QUERIES)
+print("\n" + DEMOS + "\n")
+print(format_playground(table))
+RESULTS["playground_rows"] = len(table["rows"])
+
+# %%
+playground_widget(hyper, tok, DEMOS, QUERIES);
+
+# %%
+# the key numbers, machine-readable (tests/test_notebooks.py asserts them)
+RESULTS["wall_time_s"] = round(time.perf_counter() - T0, 1)
+results_file = ROOT / RESULTS_PATH
+results_file.parent.mkdir(parents=True, exist_ok=True)
+results_file.write_text(json.dumps(RESULTS, indent=1))
+print(json.dumps(RESULTS, indent=1))

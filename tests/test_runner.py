@@ -1,0 +1,192 @@
+"""The one experiment runner: the smoke tier end to end, caches stamped with their settings, and every real-data
+config (p3, sni, symbol) running every method on a tiny 4-bit model over ../shared/data."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from gistlib.course.experiment import METHODS, load_experiment, tiny_experiment
+from gistlib.course.runner import check_cache_base, load_bundle, run_experiment, train_hyper
+from gistlib.data import shared_data_dir
+
+SCORED = ("zero_shot", "icl", "multitask_icl", "gisting", "hyperllama")
+STARTS = ("prefix_tuning_random", "prefix_tuning_vocab", "prefix_tuning_hyperllama")
+DATA = shared_data_dir()
+needs_data = pytest.mark.skipif(
+    not (DATA / "superglue").is_dir(), reason=f"shared data folder {DATA} is absent (set GISTLIB_DATA to the real data)"
+)
+
+
+def _smoke(root: Path, *overrides: str):
+    sets = [f"run.out_dir={root / 'results'}", f"run.cache_dir={root / 'runs'}", "run.progress=false", *overrides]
+    return load_experiment("smoke", sets)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    exp = _smoke(tmp_path_factory.mktemp("smoke"))
+    return exp, run_experiment(exp)
+
+
+def test_every_method_produced_a_number(smoke):
+    exp, summary = smoke
+    assert set(METHODS) == set(exp.methods.enabled)
+    for name in SCORED:
+        entry = summary["methods"][name]
+        assert 0.0 <= entry["ci95"][0] <= entry["accuracy"] <= entry["ci95"][1] <= 1.0
+        assert entry["n_episodes"] == exp.eval.test_episodes
+    assert set(summary["methods"]["hyperllama"]["per_seed"]) == {str(s) for s in exp.run.seeds}
+    for start in STARTS:
+        assert set(summary["prefix_tuning"][start]) == {str(b) for b in exp.methods.prefix_budgets}
+    assert set(summary["gist_sweep"]) == {str(k) for k in exp.gist_counts}
+    comp = {c["k"]: c for c in summary["compression"]}
+    k = exp.hyper.num_gist_tokens
+    assert comp[k]["kv_ratio"] == pytest.approx(comp[k]["prefix_kv_bytes"] / comp[k]["demo_kv_bytes"])
+    assert summary["environment"]["torch_threads"] >= 1 and summary["config"] == exp.to_dict()
+
+
+def test_files_exist(smoke):
+    exp, _ = smoke
+    out = Path(exp.run.out_dir)
+    for name in ("summary.json", "results.md", "methods.png", "prefix_tuning.png", "losses.png", "tradeoff.png"):
+        assert (out / name).stat().st_size > 0, name
+    table = (out / "results.md").read_text()
+    assert all(m in table for m in SCORED)
+    assert json.loads((out / "summary.json").read_text())["name"] == "smoke"
+
+
+def test_the_smoke_base_was_pretrained_in_two_stages(smoke):
+    exp, _ = smoke
+    log = json.loads((Path(exp.run.cache_dir) / "base" / "train_log.json").read_text())
+    assert [r["stage"] for r in log] == [1] * exp.base.warmup_steps + [2] * exp.base.steps
+
+
+def test_a_second_run_reuses_the_cache_and_gives_the_same_numbers(smoke):
+    exp, first = smoke
+    again = run_experiment(exp)
+    for name in SCORED:
+        assert again["methods"][name] == first["methods"][name], name
+    assert again["prefix_tuning"] == first["prefix_tuning"]
+
+
+def test_the_same_settings_in_a_fresh_folder_give_the_same_numbers(smoke, tmp_path):
+    """Reproducibility: retraining everything from scratch (same threads, same seeds) repeats every number."""
+    exp, first = smoke
+    fresh = run_experiment(_smoke(tmp_path, f"run.threads={torch.get_num_threads()}"))
+    assert {n: fresh["methods"][n] for n in SCORED} == {n: first["methods"][n] for n in SCORED}
+    losses = lambda s, key: [(r["step"], r["loss"], r.get("eval")) for r in s["logs"][key]]  # not tokens/s
+    for key in ("gisting", "multitask_icl", "hyperllama_seed0", "hyperllama_seed1"):
+        assert losses(fresh, key) == losses(first, key), key
+
+
+def test_a_cached_model_of_other_settings_is_refused_or_retrained(smoke):
+    exp, _ = smoke
+    changed = replace(exp, train=replace(exp.train, gisting_lr=0.5))
+    with pytest.raises(
+        RuntimeError, match=r"gisting-k2 was trained with other settings \(train\.gisting_lr: 0\.001 -> 0\.5\)"
+    ):
+        run_experiment(replace(changed, methods=replace(exp.methods, enabled=("gisting",))))
+    other = replace(exp, hyper=replace(exp.hyper, distill_weight=0.0))
+    b = load_bundle(other)
+    with pytest.raises(RuntimeError, match=r"hyper\.distill_weight: 3\.0 -> 0\.0.*run\.retrain=true"):
+        train_hyper(b, exp.hyper.num_gist_tokens, exp.run.seeds[0])
+    b.exp = replace(other, run=replace(other.run, retrain=True, cache_dir=exp.run.cache_dir))
+    _, log = train_hyper(b, exp.hyper.num_gist_tokens, exp.run.seeds[0])  # retrained with the new settings
+    assert len(log) == exp.train.hyper_steps
+    stamp = json.loads(
+        (Path(exp.run.cache_dir) / f"hyper-k{exp.hyper.num_gist_tokens}-s0" / "settings.json").read_text()
+    )
+    assert stamp["hyper"]["distill_weight"] == 0.0
+
+
+def test_cached_models_of_another_base_are_refused(smoke, tmp_path):
+    exp, _ = smoke
+    cache = Path(exp.run.cache_dir)
+    check_cache_base(cache, cache / "base")  # same base: fine
+    other = tmp_path / "other_base"
+    shutil.copytree(cache / "base", other)
+    with (other / "model.safetensors").open("ab") as f:
+        f.write(b"\0")
+    with pytest.raises(RuntimeError, match="another base"):
+        check_cache_base(cache, other)
+
+
+def test_shipped_base_matches_the_pocket_config():
+    """`make main` loads data/pocket_base: its shape must be what configs/pocket.json and the tokenizer say."""
+    from gistlib.data import pocket_tokenizer
+
+    m = load_experiment("pocket").model
+    path = m.resolved_path / "config.json"
+    if not path.exists():
+        pytest.skip("no shipped pocket base (make main would pretrain one)")
+    c = json.loads(path.read_text())
+    assert (c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"]) == (m.hidden, m.layers, m.heads)
+    assert (c["num_key_value_heads"], c["intermediate_size"]) == (m.kv_heads, m.mlp)
+    assert c["vocab_size"] == len(pocket_tokenizer(16))
+
+
+def test_vocab_start_tokens_do_not_depend_on_the_process():
+    """tokenizers' get_vocab() order changes between processes; the vocab prefix start must not."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from gistlib.data import pocket_tokenizer; from gistlib.course.runner import word_ids_of; "
+    code += "print(word_ids_of(pocket_tokenizer(16)))"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    outs = {
+        subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env={**env, "PYTHONHASHSEED": s}
+        ).stdout
+        for s in ("1", "2", "3")
+    }
+    assert len(outs) == 1 and outs.pop().startswith("[")
+
+
+def _snapshot(model) -> dict[str, torch.Tensor]:
+    """Every frozen tensor (quantised weights and their states, embeddings, norms) by its name outside PEFT."""
+    name = lambda n: n.replace(".base_layer", "")
+    out = {name(n): p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
+    return out | {f"buffer.{name(n)}": b.detach().clone() for n, b in model.named_buffers()}
+
+
+@needs_data
+@pytest.mark.parametrize("name", ["p3", "sni", "symbol"])
+def test_every_method_runs_on_a_tiny_4bit_model(name, tmp_path):
+    """`python -m gistlib run configs/NAME.json --tiny`: every method of the paper, scored on the same episodes."""
+    exp = tiny_experiment(
+        load_experiment(
+            name, [f"run.out_dir={tmp_path / 'out'}", f"run.cache_dir={tmp_path / 'runs'}", "run.progress=false"]
+        )
+    )
+    assert exp.model.quantization == "nf4" and exp.model.source == "tiny"
+    summary = run_experiment(exp)
+    for method in SCORED:
+        entry = summary["methods"][method]
+        assert math.isfinite(entry["accuracy"]) and entry["n_episodes"] == summary["data"]["test_episodes"] > 0
+        assert entry["by_group"], method
+        if name == "sni":
+            assert 0.0 <= entry["rouge_l"] <= 1.0  # generation: ROUGE-L and exact match
+    assert set(summary["prefix_tuning"]) == set(STARTS)
+    for key in ("gisting", "multitask_icl", "hyperllama_seed0"):
+        log = summary["logs"][key]
+        assert log and all(math.isfinite(r["loss"]) for r in log), key
+    assert json.loads((Path(exp.run.out_dir) / "summary.json").read_text())["methods"] == summary["methods"]
+
+
+@needs_data
+def test_training_leaves_the_4bit_base_bit_identical(tmp_path):
+    exp = tiny_experiment(load_experiment("symbol", [f"run.cache_dir={tmp_path}", "run.progress=false"]))
+    b = load_bundle(exp)
+    fresh = b.fresh_base()
+    hyper, log = train_hyper(b, exp.hyper.num_gist_tokens, 0)
+    assert log and any(p.requires_grad for p in hyper.parameters())
+    before, after = _snapshot(fresh), _snapshot(hyper.base)
+    assert before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)
