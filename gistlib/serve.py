@@ -32,9 +32,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
-from gistlib.core.prefix import Prefix, extract_prefix, forward_with_prefix, generate_with_prefix
-from gistlib.core.scoring import sequence_logprobs
-from gistlib.data.render import IGNORE, collate
+from gistlib.core.prefix import Prefix, extract_prefix, forward_with_prefix
+from gistlib.data.render import collate
+from gistlib.train.evaluate import generate_ids, score_choice_ids
 
 __all__ = ["PrefixMaker", "PrefixStore", "UnknownTaskError", "read_store_metadata"]
 
@@ -239,34 +239,20 @@ class PrefixStore:
         tasks, prompts, choices = list(tasks), list(prompts), list(choices)
         if not len(tasks) == len(prompts) == len(choices):
             raise ValueError(f"got {len(tasks)} tasks, {len(prompts)} prompts, {len(choices)} choice lists")
-        for i, c in enumerate(choices):
-            if not c or any(len(x) == 0 for x in c):
-                raise ValueError(f"query {i} has no answer choices (or an empty one)")
         if not tasks:
             return []
         self.get(list(dict.fromkeys(tasks)))  # fail early, naming the unknown task
-        rows = [(q, c) for q in range(len(tasks)) for c in range(len(choices[q]))]
-        rows.sort(key=lambda r: len(prompts[r[0]]) + len(choices[r[0]][r[1]]))  # less padding per batch
-        scores = [torch.empty(len(c)) for c in choices]
-        device = self._device()
-        for s in range(0, len(rows), batch_size):
-            chunk = rows[s : s + batch_size]
-            pairs = [
-                (list(prompts[q]) + list(choices[q][c]), [IGNORE] * len(prompts[q]) + list(choices[q][c]))
-                for q, c in chunk
-            ]
-            batch = {k: v.to(device) for k, v in collate(pairs, self.pad_token_id, "left").items()}
-            # left padding ends every row together: logits are needed only for the last m + 1 positions
-            m = max(len(choices[q][c]) for q, c in chunk)
-            prefix = self.get([tasks[q] for q, _ in chunk])
+
+        def run(owners: torch.Tensor, batch: dict, keep: int) -> torch.Tensor:
+            prefix = self.get([tasks[int(q)] for q in owners])
             with self.downstream():
-                logits = forward_with_prefix(
-                    self.model, prefix, batch["input_ids"], batch["attention_mask"], logits_to_keep=m + 1
-                ).logits  # (b, m + 1, V)
-            logp, _ = sequence_logprobs(logits, batch["labels"][:, -(m + 1) :])
-            for (q, c), value in zip(chunk, logp.cpu()):
-                scores[q][c] = value
-        return scores
+                out = forward_with_prefix(
+                    self.model, prefix, batch["input_ids"], batch["attention_mask"], logits_to_keep=keep
+                )
+            return out.logits
+
+        owners = list(range(len(tasks)))
+        return score_choice_ids(run, owners, prompts, choices, self.pad_token_id, batch_size, self._device())
 
     @torch.no_grad()
     def generate(
@@ -287,26 +273,11 @@ class PrefixStore:
         if not tasks:
             return []
         self.get(list(dict.fromkeys(tasks)))
-        order = sorted(range(len(tasks)), key=lambda i: len(prompts[i]))
-        answers: list[list[int]] = [[] for _ in tasks]
-        device = self._device()
-        for s in range(0, len(order), batch_size):
-            chunk = order[s : s + batch_size]
-            batch = collate([list(prompts[i]) for i in chunk], self.pad_token_id, "left")
-            prefix = self.get([tasks[i] for i in chunk])
-            with self.downstream():
-                out = generate_with_prefix(
-                    self.model,
-                    prefix,
-                    batch["input_ids"].to(device),
-                    batch["attention_mask"].to(device),
-                    max_new_tokens,
-                    eos_token_id,
-                    self.pad_token_id,
-                )
-            for i, tokens in zip(chunk, out):
-                answers[i] = tokens
-        return answers
+        with self.downstream():
+            return generate_ids(
+                self.model, lambda owners: self.get([tasks[i] for i in owners]), list(range(len(tasks))), prompts,
+                max_new_tokens, eos_token_id, self.pad_token_id, batch_size, self._device(),
+            )  # fmt: skip
 
 
 def _shape(prefix: Prefix) -> dict:

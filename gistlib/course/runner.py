@@ -405,7 +405,7 @@ def gisting_method(model, episodes, b: Bundle, k: int):
 
 
 def train_gisting(b: Bundle, k: int) -> tuple[LMTrainee, list[dict]]:
-    """The base trained under the gist mask (Gisting; `train.adapter`: every weight or a LoRA); cache_dir/gisting-k{k}."""
+    """The base trained under the gist mask (Gisting; `train.adapter`: every weight or a LoRA); in gisting-k{k}."""
     exp, t = b.exp, b.exp.train
     run = b.cache / f"gisting-k{k}"
     rank = exp.hyper.lora_rank if t.adapter == "lora" else 0

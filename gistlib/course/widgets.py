@@ -18,11 +18,9 @@ from collections.abc import Sequence
 import torch
 
 from gistlib.core.masks import make_causal_mask, make_gist_mask, negative_control_mask
-from gistlib.core.scoring import sequence_logprobs
 from gistlib.course.viz import plot_attention, plot_mask, plot_prefix_slice
 from gistlib.data import COMPACT, Episode, Example, RenderFormat, collate, render_hyper_input
-from gistlib.data.render import answer_ids
-from gistlib.train.evaluate import Method, icl, with_prefixes, zero_shot
+from gistlib.train.evaluate import Method, choice_scores, icl, with_prefixes, zero_shot
 
 __all__ = [
     "MASKS",
@@ -168,15 +166,8 @@ def parse_demos(text: str) -> list[tuple[str, str]]:
 def predict_choices(method: Method, episode: Episode, tokenizer, fmt: RenderFormat) -> list[dict[str, float]]:
     """For each query of `episode` (index 0 of the method's prefixes): the probability of every choice,
     normalised over the choices from the summed token log-probabilities (rank classification)."""
-    out = []
-    for q in episode.queries:
-        prompt = method.prompt(0, episode, q)
-        rows = [(prompt + a, [-100] * len(prompt) + a) for a in (answer_ids(c, tokenizer, fmt) for c in q.choices)]
-        b = collate(rows, tokenizer.pad_token_id)
-        logp, _ = sequence_logprobs(method.logits(torch.zeros(len(rows), dtype=torch.long), b), b["labels"])
-        probs = logp.softmax(0).tolist()
-        out.append(dict(zip(q.choices, probs)))
-    return out
+    scores = choice_scores(method, [(0, episode, q) for q in episode.queries], tokenizer, fmt)
+    return [dict(zip(q.choices, s.softmax(0).tolist())) for q, s in zip(episode.queries, scores)]
 
 
 @torch.no_grad()

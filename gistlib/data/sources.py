@@ -1,11 +1,13 @@
 """Every data family behind one small interface: a `Source` of training, validation and test data.
 
     family          training tasks                          test episodes                      metric
-    pocket          the synthetic suite's train split       fixed episodes of its test split   accuracy (rank classification)
-    p3              P3 datasets x promptsource templates    T0 held-out datasets, per template accuracy (rank classification)
-    sni             Super-NaturalInstructions train tasks   test tasks: definition + 2 demos   ROUGE-L, exact match (greedy)
-    symbol          classification sets, labels -> symbols  held-out sets, k exemplars/class   accuracy (rank classification)
-    classification  classification sets, real label words  held-out sets                      accuracy (rank classification)
+    pocket          the synthetic suite's train split       fixed episodes of its test split   accuracy (rank class.)
+    p3              P3 datasets x promptsource templates    T0 held-out datasets, per template accuracy (rank class.)
+    sni             Super-NaturalInstructions train tasks   test tasks: definition + 2 demos   ROUGE-L, exact match
+    symbol          classification sets, labels -> symbols  held-out sets, k exemplars/class   accuracy (rank class.)
+    classification  classification sets, real label words  held-out sets                      accuracy (rank class.)
+
+(rank class.: rank classification; ROUGE-L and exact match of greedy answers.)
 
 `load_tasks(data)` reads a family's tasks from its upstream files; `Source` adds what every method
 needs once a tokenizer exists: tasks fitted to the token budgets, seeded episode streams for training,

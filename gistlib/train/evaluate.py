@@ -34,7 +34,7 @@ from gistlib.core.prefix import (
     positions_from_mask,
 )
 from gistlib.core.scoring import sequence_logprobs
-from gistlib.data import Episode, Example, RenderFormat, collate, render_downstream_prompt, render_icl_prompt
+from gistlib.data import IGNORE, Episode, Example, RenderFormat, collate, render_downstream_prompt, render_icl_prompt
 from gistlib.data.metrics import exact_match, rouge_l
 from gistlib.data.render import answer_ids, query_ids, render_hyper_input
 
@@ -47,6 +47,9 @@ __all__ = [
     "hyper_prefixes",
     "gist_prefixes",
     "evaluate",
+    "score_choice_ids",
+    "choice_scores",
+    "generate_ids",
     "EvalResult",
     "bootstrap_interval",
 ]
@@ -58,32 +61,30 @@ NORMALISATION = "sum of token log-probabilities over the choice and EOS (no leng
 class Method:
     """How one method reads an episode.
 
-    prompt(e, episode, query) -> token ids before the answer; run(episode_indices, batch) -> logits
-    (B, L, V) for the rows; `prefix` (optional) holds one prefix per episode for generation.
+    prompt(e, episode, query) -> token ids before the answer; logits(episode_indices, batch, keep) -> logits
+    (B, keep, V) of the rows' last `keep` positions; `prefixes` (optional) holds one prefix per episode.
     """
 
     name: str
     prompt: Callable[[int, Episode, Example], list[int]]
-    logits: Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]
+    logits: Callable[[torch.Tensor, dict[str, torch.Tensor], int], torch.Tensor]
     model: torch.nn.Module
     prefixes: Prefix | None = None
 
 
 def _causal_logits(model):
-    def run(_, batch):
+    def run(_, batch, keep: int = 0):
         mask = make_causal_mask(batch["input_ids"], attention_mask=batch["attention_mask"])
-        return forward_with_mask(
-            model, mask, positions_from_mask(batch["attention_mask"]), input_ids=batch["input_ids"]
-        ).logits
+        positions = positions_from_mask(batch["attention_mask"])
+        return forward_with_mask(model, mask, positions, input_ids=batch["input_ids"], logits_to_keep=keep).logits
 
     return run
 
 
 def _prefix_logits(model, prefixes: Prefix):
-    def run(episode_index, batch):
-        return forward_with_prefix(
-            model, prefixes.rows(episode_index), batch["input_ids"], batch["attention_mask"]
-        ).logits
+    def run(episode_index, batch, keep: int = 0):
+        rows = prefixes.rows(episode_index)
+        return forward_with_prefix(model, rows, batch["input_ids"], batch["attention_mask"], logits_to_keep=keep).logits
 
     return run
 
@@ -196,52 +197,114 @@ def bootstrap_interval(values: Sequence[float], samples: int = 2000, seed: int =
     return means[int(0.025 * samples)], means[int(0.975 * samples) - 1]
 
 
+# --- rank classification and generation, written once (the runner, serving, widgets and benchmarks use these) ---
+
+# run(owners (b,), batch of left-padded rows, keep) -> logits (b, keep, V) of the last `keep` positions
+RowLogits = Callable[[torch.Tensor, dict[str, torch.Tensor], int], torch.Tensor]
+
+
 @torch.no_grad()
+def score_choice_ids(
+    run: RowLogits,
+    owners: Sequence[int],
+    prompts: Sequence[Sequence[int]],
+    choices: Sequence[Sequence[Sequence[int]]],
+    pad_token_id: int,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+) -> list[torch.Tensor]:
+    """Rank classification: the summed log-probability of every answer choice of every query.
+
+    Query i (prompt ids `prompts[i]`, candidate answers `choices[i]`, EOS included, and `owners[i]`, the
+    episode or task whose prefix it reads) becomes rows `prompt + choice`; all rows are sorted by length,
+    left padded (so they end together and only the last m + 1 logits are needed) and run `batch_size` per
+    call. Returns, per query, a (C_i,) float tensor (argmax = the prediction; no length normalisation)."""
+    if not len(owners) == len(prompts) == len(choices):
+        raise ValueError(f"got {len(owners)} owners, {len(prompts)} prompts, {len(choices)} choice lists")
+    for i, c in enumerate(choices):
+        if not c or any(len(x) == 0 for x in c):
+            raise ValueError(f"query {i} has no answer choices (or an empty one)")
+    rows = [(q, c) for q in range(len(prompts)) for c in range(len(choices[q]))]
+    rows.sort(key=lambda r: len(prompts[r[0]]) + len(choices[r[0]][r[1]]))  # less padding per batch
+    scores = [torch.empty(len(c)) for c in choices]
+    for s in range(0, len(rows), batch_size):
+        chunk = rows[s : s + batch_size]
+        pairs = [
+            (list(prompts[q]) + list(choices[q][c]), [IGNORE] * len(prompts[q]) + list(choices[q][c])) for q, c in chunk
+        ]
+        batch = {k: v.to(device) for k, v in collate(pairs, pad_token_id, "left").items()}
+        keep = max(len(choices[q][c]) for q, c in chunk) + 1
+        logits = run(torch.tensor([owners[q] for q, _ in chunk]), batch, keep)
+        logp, _ = sequence_logprobs(logits, batch["labels"][:, -keep:])
+        for (q, c), value in zip(chunk, logp.float().cpu()):
+            scores[q][c] = value
+    return scores
+
+
+@torch.no_grad()
+def generate_ids(
+    model,
+    prefix_rows: Callable[[list[int]], Prefix | None],
+    owners: Sequence[int],
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    eos_token_id: int | None,
+    pad_token_id: int,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+) -> list[list[int]]:
+    """Greedy answers (new token ids, cut after EOS), each query after its owner's prefix (`prefix_rows(owners)`,
+    None: no prefix), queries sorted by length and left padded, `batch_size` per call; in the order given."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    answers: list[list[int]] = [[] for _ in prompts]
+    for s in range(0, len(order), batch_size):
+        chunk = order[s : s + batch_size]
+        b = collate([list(prompts[i]) for i in chunk], pad_token_id, "left")
+        out = generate_with_prefix(
+            model,
+            prefix_rows([owners[i] for i in chunk]),
+            b["input_ids"].to(device),
+            b["attention_mask"].to(device),
+            max_new_tokens,
+            eos_token_id,
+            pad_token_id,
+        )
+        for i, tokens in zip(chunk, out):
+            answers[i] = tokens
+    return answers
+
+
+def model_device(model) -> torch.device:
+    return model.get_input_embeddings().weight.device
+
+
+def choice_scores(method: Method, items, tokenizer, fmt, batch_size: int = 256) -> list[torch.Tensor]:
+    """items: (episode index, episode, query with choices). Per item, (C,) summed log-probabilities."""
+    prompts = [method.prompt(e, ep, q) for e, ep, q in items]
+    choices = [[answer_ids(c, tokenizer, fmt) for c in q.choices] for _, _, q in items]
+    owners = [e for e, _, _ in items]
+    dev = model_device(method.model)
+    return score_choice_ids(method.logits, owners, prompts, choices, tokenizer.pad_token_id, batch_size, dev)
+
+
 def _rank_classification(method: Method, items, tokenizer, fmt, batch_size) -> list[bool]:
     """items: (episode index, episode, query). Returns correct/incorrect per item."""
-    rows, owners, index = [], [], []
-    for item_no, (e, ep, q) in enumerate(items):
-        prompt = method.prompt(e, ep, q)
-        for c_no, choice in enumerate(q.choices):
-            ans = answer_ids(choice, tokenizer, fmt)
-            rows.append((prompt + ans, [-100] * len(prompt) + ans))
-            owners.append((item_no, c_no))
-            index.append(e)
-    scores = []
-    for i in range(0, len(rows), batch_size):
-        b = collate(rows[i : i + batch_size], tokenizer.pad_token_id)
-        logits = method.logits(torch.tensor(index[i : i + batch_size]), b)
-        scores.append(sequence_logprobs(logits, b["labels"])[0])
-    flat = torch.cat(scores).tolist()
-    best: dict[int, tuple[float, int]] = {}
-    for (item_no, c_no), s in zip(owners, flat):
-        if item_no not in best or s > best[item_no][0]:
-            best[item_no] = (s, c_no)
-    return [items[i][2].choices[best[i][1]] == items[i][2].output for i in range(len(items))]
+    scores = choice_scores(method, items, tokenizer, fmt, batch_size)
+    return [q.choices[int(s.argmax())] == q.output for (_, _, q), s in zip(items, scores)]
 
 
-@torch.no_grad()
 def _generation(method: Method, items, tokenizer, batch_size, max_new_tokens) -> tuple[list[float], list[float]]:
     """Greedy answers; returns exact match and ROUGE-L per item (best over references)."""
+    rows = (lambda idx: method.prefixes.rows(idx)) if method.prefixes is not None else (lambda idx: None)
+    outs = generate_ids(
+        method.model, rows, [e for e, _, _ in items], [method.prompt(e, ep, q) for e, ep, q in items],
+        max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id, batch_size, model_device(method.model),
+    )  # fmt: skip
     em, rl = [], []
-    for i in range(0, len(items), batch_size):
-        chunk = items[i : i + batch_size]
-        b = collate([method.prompt(e, ep, q) for e, ep, q in chunk], tokenizer.pad_token_id, padding_side="left")
-        prefix = method.prefixes.rows([e for e, _, _ in chunk]) if method.prefixes is not None else None
-        outs = generate_with_prefix(
-            method.model,
-            prefix,
-            b["input_ids"],
-            b["attention_mask"],
-            max_new_tokens,
-            tokenizer.eos_token_id,
-            tokenizer.pad_token_id,
-        )
-        for (_, _, q), out in zip(chunk, outs):
-            text = tokenizer.decode([t for t in out if t != tokenizer.eos_token_id]).strip()
-            refs = q.all_references
-            em.append(exact_match(text, refs))
-            rl.append(rouge_l(text, refs))
+    for (_, _, q), out in zip(items, outs):
+        text = tokenizer.decode([t for t in out if t != tokenizer.eos_token_id]).strip()
+        em.append(exact_match(text, q.all_references))
+        rl.append(rouge_l(text, q.all_references))
     return em, rl
 
 
