@@ -135,19 +135,17 @@ def load_bundle(exp: Experiment) -> Bundle:
     return Bundle(exp, tok, source, path, gist)
 
 
+def _sized_llama(m, tokenizer, **extra):
+    """A random Llama of the `model` section's sizes for `tokenizer`."""
+    sizes = dict(hidden_size=m.hidden, num_layers=m.layers, num_heads=m.heads, num_kv_heads=m.kv_heads)
+    return build_tiny_llama(tokenizer=tokenizer, intermediate_size=m.mlp, **sizes, **extra)
+
+
 def build_tiny_checkpoint(texts, path: Path, num_gist_tokens: int, m) -> Path:
     """A random tiny Llama (`model` section sizes; multiples of 64 for 4-bit) and a byte-level BPE tokenizer
     trained on `texts`, saved to `path` (loadable with `load_llama(path, quantization="nf4")`)."""
     tokenizer = build_tokenizer(texts, num_gist_tokens, kind="bpe", vocab_size=1024)
-    model = build_tiny_llama(
-        tokenizer=tokenizer,
-        hidden_size=m.hidden,
-        intermediate_size=m.mlp,
-        num_layers=m.layers,
-        num_heads=m.heads,
-        num_kv_heads=m.kv_heads,
-        seed=0,
-    )
+    model = _sized_llama(m, tokenizer, seed=0)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -299,15 +297,7 @@ def train_base(exp: Experiment, source: Source, tok, out_dir: Path):
     if bcfg.init:
         model = LlamaForCausalLM.from_pretrained(bcfg.init, local_files_only=True).float().train()
     else:
-        model = build_tiny_llama(
-            tokenizer=tok,
-            hidden_size=m.hidden,
-            num_layers=m.layers,
-            num_heads=m.heads,
-            num_kv_heads=m.kv_heads,
-            intermediate_size=m.mlp,
-            max_position_embeddings=512,
-        )
+        model = _sized_llama(m, tok, max_position_embeddings=512)
         if bcfg.warmup_steps:
             stage1 = _base_stage(
                 exp, source, tok, model, bcfg.warmup_levels, bcfg.warmup_steps, 0.0, out_dir / "stage1"

@@ -80,6 +80,15 @@ def _close(fig):
 # --- masks --------------------------------------------------------------------------------------
 
 
+def _label_tokens(ax, L: int, labels: Sequence[str] | None) -> list[int]:
+    """Token labels on both axes of an (L, L) query x key image; returns the tick positions."""
+    ticks = list(range(L))
+    labels = list(labels) if labels is not None else [str(i) for i in ticks]
+    ax.set_xticks(ticks, labels, rotation=90, fontsize=8)
+    ax.set_yticks(ticks, labels, fontsize=8)
+    return ticks
+
+
 def token_labels(tokenizer, ids: Sequence[int] | torch.Tensor, gist_ids: Sequence[int] = ()) -> list[str]:
     """Short readable labels for a row of token ids: words as decoded, `[G0]..` for gists, `_` for pad.
 
@@ -110,10 +119,7 @@ def plot_mask(
     L = m.shape[0]
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(0.32 * L + 1.8, 0.32 * L + 1.4))
     ax.imshow(m, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
-    ticks = list(range(L))
-    labels = list(labels) if labels is not None else [str(i) for i in ticks]
-    ax.set_xticks(ticks, labels, rotation=90, fontsize=8)
-    ax.set_yticks(ticks, labels, fontsize=8)
+    ticks = _label_tokens(ax, L, labels)
     ax.set_xlabel("key (attended to)")
     ax.set_ylabel("query (attending)")
     ax.set_title(title)
@@ -172,10 +178,7 @@ def plot_attention(
     L = a.shape[0]
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(0.32 * L + 2.4, 0.32 * L + 1.4))
     im = ax.imshow(a, cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
-    ticks = list(range(L))
-    labels = list(labels) if labels is not None else [str(i) for i in ticks]
-    ax.set_xticks(ticks, labels, rotation=90, fontsize=8)
-    ax.set_yticks(ticks, labels, fontsize=8)
+    _label_tokens(ax, L, labels)
     ax.set_xlabel("key")
     ax.set_ylabel("query")
     ax.set_title(title or f"attention, layer {layer}, head {head}")
