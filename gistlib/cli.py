@@ -4,6 +4,7 @@ run      an experiment config (configs/smoke|pocket|p3|sni|symbol.json, or any f
          scored on the same episodes; `--tiny` runs it on a tiny random 4-bit model (CPU, minutes)
 base     pretrain the pocket base, the in-context learner everything else builds on (data/pocket_base)
 train    train one HyperLlama from a JSON config, no evaluation (works under `accelerate launch`)
+report   RESULTS.md from runs' summary.json files
 tour     tiny model, gist mask, canonical prefix, exact-caching check (seconds)
 memory   the memory planner's table for Llama-2 7B/13B on 8-24 GB cards
 
@@ -47,6 +48,18 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    """RESULTS.md from runs' summary.json files (so a reported number cannot drift from the run that made it)."""
+    from pathlib import Path
+
+    from gistlib.course.report import results_markdown
+
+    summaries = [json.loads(Path(p).read_text()) for p in args.summaries]
+    Path(args.out).write_text(results_markdown(summaries))
+    print(f"{args.out}: {len(summaries)} run(s)")
+    return 0
+
+
 def cmd_base(args) -> int:
     """Pretrain the pocket base (the shipped data/pocket_base is made by exactly this command)."""
     from pathlib import Path
@@ -79,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     _add_set(run)
     run.add_argument("--dump", action="store_true", help="print the resolved config as JSON and exit")
     run.add_argument("--tiny", action="store_true", help="a tiny random 4-bit Llama built on the data (CPU check)")
+    rep = sub.add_parser("report", help="write RESULTS.md from runs' summary.json files")
+    rep.add_argument("summaries", nargs="+", help="summary.json files, in the order to report them")
+    rep.add_argument("--out", default="RESULTS.md")
     base = sub.add_parser("base", help="pretrain the pocket base (in-context learner) into --out")
     base.add_argument("--config", default="pocket")
     base.add_argument("--out", default="data/pocket_base")
@@ -107,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     from gistlib.config import ConfigError
 
     try:
-        return {"run": cmd_run, "train": cmd_train, "base": cmd_base}[args.command](args)
+        return {"run": cmd_run, "train": cmd_train, "base": cmd_base, "report": cmd_report}[args.command](args)
     except ConfigError as err:
         print(f"gistlib {args.command}: {err}", file=sys.stderr)
         return 2

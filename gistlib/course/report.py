@@ -5,7 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-__all__ = ["write_report", "results_table", "plot_methods", "plot_prefix_ladder", "plot_losses", "plot_tradeoff"]
+__all__ = [
+    "write_report",
+    "results_table",
+    "results_markdown",
+    "plot_methods",
+    "plot_prefix_ladder",
+    "plot_losses",
+    "plot_tradeoff",
+]
 
 METHOD_ORDER = ("zero_shot", "icl", "multitask_icl", "gisting", "hyperllama")
 
@@ -174,6 +182,30 @@ def plot_tradeoff(summary: dict, method: str = "hyperllama"):
     ax.set_title("compression: accuracy vs k and task difficulty")
     fig.tight_layout()
     return fig
+
+
+def results_markdown(summaries: list[dict]) -> str:
+    """RESULTS.md: per run of record, the command that made it, where and how long, and its results table."""
+    lines = [
+        "# Results",
+        "",
+        "Written by `python -m gistlib report` from the runs' summary.json files: every number below is one a run",
+        "printed. Accuracy is rank-classification accuracy (exact match for generation tasks, with ROUGE-L), the",
+        "mean over test episodes with a 95% bootstrap interval over episodes.",
+    ]
+    for s in summaries:
+        env = s.get("environment", {})
+        lines += [
+            "",
+            f"## {s['name']} ({s.get('family', '?')})",
+            "",
+            f"`{s.get('command', '?')}`: {s['wall_time_s']:.0f} s wall, {env.get('torch_threads', '?')} torch thread(s), "
+            f"torch {env.get('torch', '?')}, transformers {env.get('transformers', '?')}, {env.get('device', '?')}; "
+            f"{s.get('data', {}).get('test_episodes', '?')} test episodes.",
+            "",
+            results_table(s),
+        ]
+    return "\n".join(lines) + "\n"
 
 
 def write_report(summary: dict, out: Path) -> dict[str, Path]:

@@ -22,6 +22,7 @@ import hashlib
 import json
 import platform
 import shutil
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -525,6 +526,12 @@ def environment() -> dict:
 # --- the run ---------------------------------------------------------------------------------------
 
 
+def _command_line() -> str:
+    """How this process was started, as a person would type it (`python -m gistlib run ...`)."""
+    head = "python -m gistlib" if sys.argv[0].endswith("__main__.py") else sys.argv[0]
+    return " ".join([head, *sys.argv[1:]])
+
+
 def _by_group(result, groups: list[str]) -> dict[str, float]:
     out: dict[str, list[float]] = {}
     for v, g in zip(result.per_episode, groups):
@@ -603,6 +610,7 @@ def run_experiment(exp: Experiment, bundle: Bundle | None = None) -> dict:
 
     summary = {
         "name": exp.run.name,
+        "command": _command_line(),
         "family": exp.data.family,
         "config": exp.to_dict(),
         "environment": environment(),
