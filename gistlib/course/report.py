@@ -199,7 +199,8 @@ def results_markdown(summaries: list[dict]) -> str:
             "",
             f"## {s['name']} ({s.get('family', '?')})",
             "",
-            f"`{s.get('command', '?')}`: {s['wall_time_s']:.0f} s wall, {env.get('torch_threads', '?')} torch thread(s), "
+            f"`{s.get('command', '?')}`: {s['wall_time_s']:.0f} s wall, {env.get('torch_threads', '?')} torch thread(s),"
+            " "
             f"torch {env.get('torch', '?')}, transformers {env.get('transformers', '?')}, {env.get('device', '?')}; "
             f"{s.get('data', {}).get('test_episodes', '?')} test episodes.",
             "",
