@@ -195,14 +195,14 @@ def results_markdown(summaries: list[dict]) -> str:
     ]
     for s in summaries:
         env = s.get("environment", {})
+        where = f"{env.get('torch_threads', '?')} torch thread(s), torch {env.get('torch', '?')}"
+        where += f", transformers {env.get('transformers', '?')}, {env.get('device', '?')}"
+        episodes = s.get("data", {}).get("test_episodes", "?")
         lines += [
             "",
             f"## {s['name']} ({s.get('family', '?')})",
             "",
-            f"`{s.get('command', '?')}`: {s['wall_time_s']:.0f} s wall, {env.get('torch_threads', '?')} torch thread(s),"
-            " "
-            f"torch {env.get('torch', '?')}, transformers {env.get('transformers', '?')}, {env.get('device', '?')}; "
-            f"{s.get('data', {}).get('test_episodes', '?')} test episodes.",
+            f"`{s.get('command', '?')}`: {s['wall_time_s']:.0f} s wall; {where}; {episodes} test episodes.",
             "",
             results_table(s),
         ]
