@@ -38,11 +38,11 @@ def test_environment_yml_names_the_pyproject_dependencies():
 
 
 def test_the_readme_commands_are_the_makefile_targets():
-    """README's first command (`make main`) runs the pocket course; `.ci/run` runs `make test`."""
+    """README's first command (`make main`) runs the pocket config; `.ci/run` runs `make test`."""
     readme = (ROOT / "README.md").read_text()
     block = readme.split("```bash", 1)[1].split("```", 1)[0]
     assert [line.split("#")[0].strip() for line in block.strip().splitlines()] == ["make main", "make test"]
     make = (ROOT / "Makefile").read_text()
     main_recipe = make.split("\nmain:", 1)[1].split("\n\n", 1)[0]
-    assert "-m gistlib course" in main_recipe, "make main must run the pocket course (python -m gistlib course)"
+    assert "-m gistlib run configs/pocket.json" in main_recipe, "make main must run the pocket config"
     assert "make test" in (ROOT / ".ci" / "run").read_text()
