@@ -3,7 +3,14 @@
 import torch
 
 from gistlib.data import COMPACT, Episode, Example, load_pocket_suite, pocket_tokenizer, render_icl
-from gistlib.data.batches import gisting_batches, hyper_batches, hyperpretrain_batches, icl_batches, render_icl_dense
+from gistlib.data.batches import (
+    gisting_batches,
+    hyper_batches,
+    hyperpretrain_batches,
+    icl_batches,
+    render_icl_dense,
+    sample_episodes,
+)
 from gistlib.models.tiny import gist_token_ids
 
 TOK = pocket_tokenizer(4)
@@ -15,16 +22,16 @@ def tasks():
 
 
 def test_icl_and_gisting_batches_label_only_answers():
-    b = next(icl_batches(tasks(), TOK, 4, seed=1))
+    b = next(icl_batches(sample_episodes(tasks(), 1, 1), TOK, 4))
     assert b["input_ids"].shape == b["labels"].shape and b["input_ids"].shape[0] == 4
     assert ((b["labels"] != -100).sum(1) == 2).all()  # the symbol and EOS
-    g = next(gisting_batches(tasks(), TOK, GIST, 4, seed=1))
+    g = next(gisting_batches(sample_episodes(tasks(), 1, 1), TOK, GIST, 4))
     assert all(set(GIST) <= set(row.tolist()) for row in g["input_ids"])
 
 
 def test_streams_are_reproducible():
-    a = next(hyper_batches(tasks(), TOK, GIST, 3, 2, seed=7))
-    b = next(hyper_batches(tasks(), TOK, GIST, 3, 2, seed=7))
+    a = next(hyper_batches(sample_episodes(tasks(), 7, 2), TOK, GIST, 3))
+    b = next(hyper_batches(sample_episodes(tasks(), 7, 2), TOK, GIST, 3))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert a["task_index"].tolist() == [0, 0, 1, 1, 2, 2]
     assert (a["hyper_input_ids"][:, -len(GIST) :] == torch.tensor(GIST)).all()  # left padded: gists last

@@ -9,7 +9,7 @@ from test_hyper import make_hyper, perturb_lora, toy_batch, toy_teacher
 
 from gistlib.core.distill import hidden_cosine_loss, suffix_alignment, teacher_hidden_states
 from gistlib.data import load_pocket_suite, pocket_tokenizer
-from gistlib.data.batches import hyper_batches
+from gistlib.data.batches import hyper_batches, sample_episodes
 from gistlib.models.tiny import build_tiny_llama, gist_token_ids
 
 TOK = pocket_tokenizer(4)
@@ -17,7 +17,8 @@ TOK = pocket_tokenizer(4)
 
 def pocket_batch(tasks=5, queries=3, teacher_queries=2):
     suite = [t for t in load_pocket_suite()["train"] if t.meta.get("level") in ("C2", "C8")][:40]
-    stream = hyper_batches(suite, TOK, gist_token_ids(TOK), tasks, queries, seed=3, teacher_queries=teacher_queries)
+    episodes = sample_episodes(suite, 3, queries)
+    stream = hyper_batches(episodes, TOK, gist_token_ids(TOK), tasks, teacher_queries=teacher_queries)
     return next(stream)
 
 
