@@ -121,13 +121,13 @@ def with_prefixes(name: str, model, prefixes: Prefix, tokenizer, fmt: RenderForm
     return Method(name, prompt, _prefix_logits(model, prefixes), model, prefixes)
 
 
-def _prefixes_in_batches(make, episodes, tokenizer, gist_ids, fmt, max_tokens, batch_size) -> Prefix:
+def _prefixes_in_batches(make, episodes, tokenizer, gist_ids, fmt, max_tokens, batch_size, device="cpu") -> Prefix:
     """One prefix per episode: `make(input_ids, attention_mask)` over `[BOS] demos G..` rows, in batches."""
     out = []
     for i in range(0, len(episodes), batch_size):
         rows = [render_hyper_input(ep, tokenizer, gist_ids, fmt, max_tokens) for ep in episodes[i : i + batch_size]]
         b = collate(rows, tokenizer.pad_token_id, padding_side="left")
-        out.append(make(b["input_ids"], b["attention_mask"]))
+        out.append(make(b["input_ids"].to(device), b["attention_mask"].to(device)))
     return Prefix.cat(out).detach()
 
 
@@ -137,7 +137,8 @@ def hyper_prefixes(
 ) -> Prefix:
     """HyperLlama prefixes (n, E, H, k, hd), one per episode, from its demos."""
     gist_ids = hyper.gist_ids.tolist()
-    return _prefixes_in_batches(hyper.make_prefix, episodes, tokenizer, gist_ids, fmt, max_tokens, batch_size)
+    dev = hyper.gist_embeddings.device
+    return _prefixes_in_batches(hyper.make_prefix, episodes, tokenizer, gist_ids, fmt, max_tokens, batch_size, dev)
 
 
 @torch.no_grad()
@@ -152,7 +153,7 @@ def gist_prefixes(
 ) -> Prefix:
     """Gist caching for a gisting model: its gist K/V over `[BOS] demos G..`, one prefix per episode."""
     make = lambda ids, am: extract_prefix(model, ids, am, gist_ids)
-    return _prefixes_in_batches(make, episodes, tokenizer, gist_ids, fmt, max_tokens, batch_size)
+    return _prefixes_in_batches(make, episodes, tokenizer, gist_ids, fmt, max_tokens, batch_size, model_device(model))
 
 
 def gisting(model, episodes, tokenizer, gist_ids, fmt: RenderFormat, max_tokens: int = 1024) -> Method:

@@ -34,7 +34,7 @@ def random_prefix(reference: Prefix, num_episodes: int, seed: int = 0) -> Prefix
     v_std = reference.values.float().std(dim=(1, 2, 3, 4), keepdim=True)
     keys = torch.randn(n, num_episodes, H, k, hd, generator=g) * k_std
     values = torch.randn(n, num_episodes, H, k, hd, generator=g) * v_std
-    return Prefix(keys.to(reference.keys.dtype), values.to(reference.values.dtype))
+    return Prefix(keys.to(reference.keys), values.to(reference.values))  # reference's dtype and device
 
 
 @torch.no_grad()
@@ -43,6 +43,7 @@ def vocab_prefix(model, token_pool: Sequence[int], num_episodes: int, k: int, se
     g = torch.Generator().manual_seed(seed)
     pool = torch.tensor(list(token_pool))
     ids = pool[torch.randint(len(pool), (num_episodes, k), generator=g)]  # (E, k)
+    ids = ids.to(model.get_input_embeddings().weight.device)
     am = torch.ones_like(ids)
     out = forward_with_mask(
         model, make_causal_mask(ids), positions_from_mask(am), input_ids=ids, use_cache=True, logits_to_keep=1
@@ -100,6 +101,8 @@ def tune_prefixes(
     values = init.values.detach().clone().float().requires_grad_(True)
     opt = torch.optim.Adam([keys, values], lr=lr)
     batch, owner = demo_rows(episodes, tokenizer, fmt, max_tokens)
+    device = init.keys.device
+    batch, owner = {k: v.to(device) for k, v in batch.items()}, owner.to(device)
     snapshots: dict[int, Prefix] = {}
     for step in range(max(budgets) + 1):
         if step in budgets:
