@@ -189,3 +189,18 @@ def test_accuracy_by_group_and_read_metrics(tmp_path):
     assert viz.read_metrics(tmp_path / "none.jsonl") == []
     (tmp_path / "m.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n')
     assert [r["loss"] for r in viz.read_metrics(tmp_path / "m.jsonl")] == [2.0, 1.5]
+
+
+def test_the_prefix_widget_opens_where_tasks_differ():
+    """Layer 0's gist K/V depend on the gist embeddings only: the same for every task, so the widget opens elsewhere."""
+    from gistlib.core.prefix import Prefix
+    from gistlib.course.widgets import most_distinct_layer
+
+    g = torch.Generator().manual_seed(0)
+    keys, values = torch.randn(4, 3, 2, 5, 8, generator=g), torch.randn(4, 3, 2, 5, 8, generator=g)
+    keys[0], values[0] = keys[0, :1].clone(), values[0, :1].clone()  # layer 0: every row the same
+    keys[3], values[3] = keys[3] * 1e-3, values[3] * 1e-3  # tiny but distinct: relative spread counts
+    keys[1, 1] += 10.0  # one task far from the others in layer 1
+    assert most_distinct_layer(Prefix(keys, values)) == 1
+    keys[1, 1] -= 10.0
+    assert most_distinct_layer(Prefix(keys, values)) != 0

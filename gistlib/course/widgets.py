@@ -91,16 +91,21 @@ def _interact(fn, **controls):
 def mask_widget(
     input_ids: torch.Tensor,
     gist_ids: Sequence[int],
-    labels: Sequence[str] | None = None,
+    labels: Sequence[str] | Sequence[Sequence[str]] | None = None,
     pad_token_id: int | None = None,
 ):
-    """Dropdown over the three masks and a row slider, each drawn with `plot_mask`."""
+    """Dropdown over the three masks and a row slider, each drawn with `plot_mask`.
+
+    labels: one list of token labels per row (or one list, for row 0 only)."""
     import ipywidgets
 
+    per_row = labels is not None and len(labels) > 0 and not isinstance(labels[0], str)
+
     def show(kind=MASKS[0], row=0):
+        row_labels = labels[row] if per_row else (labels if row == 0 else None)
         return plot_mask(
             mask_for(kind, input_ids, gist_ids, pad_token_id),
-            labels if row == 0 else None,
+            row_labels,
             title=f"{kind} mask, row {row}",
             row=row,
         )
@@ -120,8 +125,18 @@ def attention_widget(attn: torch.Tensor, labels: Sequence[str] | None = None, ro
     return _interact(show, layer=ipywidgets.IntSlider(0, 0, n - 1), head=ipywidgets.IntSlider(0, 0, H - 1))
 
 
+def most_distinct_layer(prefix) -> int:
+    """The layer whose prefixes differ most between rows (tasks): the variance over rows of the layer's K/V,
+    relative to their mean square. Layer 0 is the flattest: its gist keys and values depend only on the gist
+    embeddings, never on the demos (the gist tokens attend to the demos only from layer 0's output on)."""
+    kv = torch.cat([prefix.keys, prefix.values], dim=-1).float()  # (n, B, H, k, 2 hd)
+    flat = kv.flatten(2)  # (n, B, D)
+    spread = flat.var(dim=1, unbiased=False).mean(-1) / flat.pow(2).mean((1, 2)).clamp_min(1e-12)
+    return int(spread.argmax()) if prefix.batch_size > 1 else prefix.keys.shape[0] - 1
+
+
 def prefix_widget(prefix, names: Sequence[str] | None = None):
-    """Task (row), layer, kv head and keys/values over `plot_prefix_slice`."""
+    """Task (row), layer, kv head and keys/values over `plot_prefix_slice`; it opens at `most_distinct_layer`."""
     import ipywidgets
 
     n, B, H = prefix.keys.shape[:3]
@@ -134,8 +149,8 @@ def prefix_widget(prefix, names: Sequence[str] | None = None):
     return _interact(
         show,
         row=ipywidgets.Dropdown(options=rows, value=0),
-        layer=ipywidgets.IntSlider(0, 0, n - 1),
-        head=ipywidgets.IntSlider(0, 0, H - 1),
+        layer=ipywidgets.IntSlider(most_distinct_layer(prefix), 0, n - 1),
+        head=ipywidgets.IntSlider(0, 0, H - 1, disabled=H == 1),
         kind=["keys", "values"],
     )
 
