@@ -154,17 +154,37 @@ def rotate_keys(keys: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor)
 
 
 def gist_positions(input_ids: torch.Tensor, gist_token_ids, attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, k) positions of the gist tokens; every row must hold the same number k >= 1."""
-    first, last, has = gist_span(input_ids, gist_token_ids)
+    """(B, k) positions of the gist tokens, checked row by row.
+
+    With several gist ids `[G_1..G_k]` every row must hold exactly those k tokens, in that order, next
+    to each other; with one id (a repeated `<GIST>`) every row the same number k >= 1 of them. No gist
+    token may sit on padding (attention_mask 0). Otherwise `ValueError` naming the row(s) and the fault.
+    """
+    ids = [int(gist_token_ids)] if isinstance(gist_token_ids, int) else [int(i) for i in gist_token_ids]
+    first, last, has = gist_span(input_ids, ids)  # raises on a row whose gists are not contiguous
     if not bool(has.all()):
         rows = (~has).nonzero().flatten().tolist()
         raise ValueError(f"rows {rows} have no gist tokens: a prefix needs [demos][G_1..G_k] in every row")
     counts = last - first + 1
-    if not bool((counts == counts[0]).all()):
+    if len(ids) > 1:
+        wrong = (counts != len(ids)).nonzero().flatten().tolist()
+        if wrong:
+            held = ", ".join(f"row {r} holds {int(counts[r])}" for r in wrong)
+            raise ValueError(f"every row needs all k={len(ids)} gist tokens {ids}: {held}")
+    elif not bool((counts == counts[0]).all()):
         raise ValueError(f"rows hold different numbers of gist tokens {counts.tolist()}: use the same k for all")
-    if not bool(attention_mask.gather(1, first[:, None]).all()):
-        raise ValueError("gist tokens fall on padding (attention_mask is 0 there)")
-    return first[:, None] + torch.arange(int(counts[0]), device=input_ids.device)[None, :]
+    index = first[:, None] + torch.arange(int(counts[0]), device=input_ids.device)[None, :]  # (B, k)
+    if len(ids) > 1:
+        found = input_ids.gather(1, index)  # (B, k)
+        expected = torch.tensor(ids, dtype=found.dtype, device=found.device)
+        wrong = (found != expected).any(1).nonzero().flatten().tolist()
+        if wrong:
+            rows = ", ".join(f"row {r} has {found[r].tolist()}" for r in wrong)
+            raise ValueError(f"gist tokens out of order, expected {ids}: {rows}")
+    on_pad = (attention_mask.gather(1, index) == 0).any(1).nonzero().flatten().tolist()
+    if on_pad:
+        raise ValueError(f"gist tokens fall on padding (attention_mask is 0 there) in row(s) {on_pad}")
+    return index
 
 
 def gather_gist_kv(cache_layers, gist_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,7 +212,9 @@ def extract_prefix(
     keeps the gists from seeing them). `inputs_embeds` (B, L, d), if given, replaces the embedding
     lookup (HyperLlama's separate gist table). `position_ids` (B, L) default to counting real
     tokens from 0; any other offset gives the same prefix. Returns a Prefix (n, B, H_kv, k, hd).
+    Rows are checked first (`gist_positions`): all k gist tokens, in order, contiguous, none on padding.
     """
+    index = gist_positions(input_ids, gist_token_ids, attention_mask)  # (B, k), checked before the pass
     mask = make_gist_mask(input_ids, gist_token_ids, attention_mask=attention_mask)
     positions = positions_from_mask(attention_mask) if position_ids is None else position_ids
     out = forward_with_mask(
@@ -205,7 +227,6 @@ def extract_prefix(
         use_cache=True,
         logits_to_keep=1,
     )
-    index = gist_positions(input_ids, gist_token_ids, attention_mask)  # (B, k)
     layers = [(layer.keys, layer.values) for layer in out.cache.layers]
     keys, values = gather_gist_kv(layers, index)  # (n, B, H, k, hd)
     return canonical_prefix(model, keys, values, positions.gather(1, index[:, :1]).squeeze(1))

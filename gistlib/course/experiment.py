@@ -278,7 +278,10 @@ def tiny_experiment(exp: Experiment) -> Experiment:
     return replace(
         exp,
         run=replace(
-            exp.run, name=f"{exp.run.name}-tiny", out_dir=str(Path(exp.run.out_dir) / "tiny"), cache_dir=str(tiny_dir),
+            exp.run,
+            name=f"{exp.run.name}-tiny",
+            out_dir=str(Path(exp.run.out_dir) / "tiny"),
+            cache_dir=str(tiny_dir),
             seeds=(0,),
         ),  # fmt: skip
         model=replace(exp.model, source="tiny", quantization="nf4", hidden=64, layers=2, heads=4, kv_heads=2, mlp=128),

@@ -7,10 +7,12 @@ Super-NaturalInstructions, P3 (promptsource) and Symbol Tuning formats; SNI metr
     sni       Super-NaturalInstructions task files, splits, Tk-Instruct prompt
     p3        promptsource templates on raw SuperGLUE / ANLI rows
     symbol    symbol-tuning episodes from classification data
+    csvfile   CSV classification files in the AG News layout (label index, text columns, classes file)
     metrics   exact match and ROUGE-L, best over references
     files     shared data folder, DataError, LoadReport
 """
 
+from .csvfile import read_ag_news, read_csv_classification
 from .episodes import (
     Episode,
     EpisodeSampler,
@@ -81,6 +83,8 @@ __all__ = [
     "render_hyper_input",
     "render_icl",
     "render_icl_prompt",
+    "read_ag_news",
+    "read_csv_classification",
     "rouge_l",
     "sample_episode",
     "save_rows_jsonl",

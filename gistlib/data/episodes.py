@@ -16,7 +16,7 @@ import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-from .files import DataError, LoadReport, handle, read_jsonl, require
+from .files import DataError, LoadReport, handle, read_jsonl, require, require_text
 
 log = logging.getLogger("gistlib.data")
 
@@ -142,7 +142,8 @@ class EpisodeSampler:
         for t in tasks:
             demos = 0 if t.fixed_demos is not None else self._demos_for(t)
             if len(t.examples) < demos + num_queries:
-                self.report.skip(ValueError(f"task {t.name!r}: {len(t.examples)} examples < {demos + num_queries}"))
+                too_small = f"task {t.name!r}: {len(t.examples)} examples < {demos + num_queries}"
+                self.report.skip(ValueError(too_small), reason="too_small")
             else:
                 self.tasks.append(t)
         self.report.loaded = len(self.tasks)
@@ -202,27 +203,76 @@ def task_to_dict(task: Task) -> dict:
     return d
 
 
+def _text_list(value, what: str, **kw) -> list[str] | None:
+    """None, or a list of strings (else a `DataError` naming the field)."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise DataError(f"{what} must be a list of strings", reason="wrong_type", **kw)
+    return value
+
+
 def _example_from_dict(d: dict, shared_choices, *, file=None, line=None, task=None, prefix="") -> Example:
     kw = {"file": file, "line": line, "task": task, "prefix": prefix}
-    inp, out = require(d, "input", **kw), require(d, "output", **kw)
-    if not isinstance(inp, str) or not isinstance(out, str):
-        raise DataError("input and output must be strings", file=file, line=line, field=prefix, task=task)
-    return Example(inp, out, d.get("choices", shared_choices), d.get("references"))
+    if not isinstance(d, dict):
+        raise DataError(
+            "an example must be an object", file=file, line=line, field=prefix, task=task, reason="wrong_type"
+        )
+    inp = require_text(d, "input", empty="empty_input", **kw)
+    out = require_text(d, "output", empty="empty_output", **kw)
+    where = {"file": file, "line": line, "task": task}
+    choices = _text_list(d.get("choices", shared_choices), "choices", field=prefix + "choices", **where)
+    references = _text_list(d.get("references"), "references", field=prefix + "references", **where)
+    return Example(inp, out, choices, references)
+
+
+def _example_list(value, key: str, *, file=None, line=None, task=None) -> list:
+    if not isinstance(value, list):
+        raise DataError(
+            f"must be a list, got {type(value).__name__}",
+            file=file,
+            line=line,
+            field=key,
+            task=task,
+            reason="wrong_type",
+        )
+    return value
 
 
 def task_from_dict(d: dict, file=None, line=None) -> Task:
-    """Inverse of `task_to_dict`; a missing field raises `DataError` naming it."""
+    """Inverse of `task_to_dict`; a missing field, a field of the wrong type, an empty input or output,
+    or a task without examples raises `DataError` naming it."""
     name = require(d, "name", file=file, line=line)
+    if not isinstance(name, str) or not name:
+        raise DataError("must be a non-empty string", file=file, line=line, field="name", reason="wrong_type")
+    rows = _example_list(
+        require(d, "examples", file=file, line=line, task=name), "examples", file=file, line=line, task=name
+    )
+    if not rows:
+        raise DataError(
+            "the task has no examples", file=file, line=line, field="examples", task=name, reason="no_examples"
+        )
+    shared = _text_list(d.get("choices"), "choices", file=file, line=line, field="choices", task=name)
     examples = [
-        _example_from_dict(e, d.get("choices"), file=file, line=line, task=name, prefix=f"examples[{i}].")
-        for i, e in enumerate(require(d, "examples", file=file, line=line, task=name))
+        _example_from_dict(e, shared, file=file, line=line, task=name, prefix=f"examples[{i}].")
+        for i, e in enumerate(rows)
     ]
     fixed = d.get("fixed_demos")
     if fixed is not None:
         fixed = [
             _example_from_dict(e, None, file=file, line=line, task=name, prefix=f"fixed_demos[{i}].")
-            for i, e in enumerate(fixed)
+            for i, e in enumerate(_example_list(fixed, "fixed_demos", file=file, line=line, task=name))
         ]
+    for key, kind in (("definition", str), ("family", str), ("meta", dict)):
+        if d.get(key) is not None and not isinstance(d[key], kind):
+            raise DataError(
+                f"must be {'a string' if kind is str else 'an object'}, got {type(d[key]).__name__}",
+                file=file,
+                line=line,
+                field=key,
+                task=name,
+                reason="wrong_type",
+            )
     return Task(name, examples, d.get("definition"), d.get("family"), d.get("meta") or {}, fixed)
 
 
@@ -233,7 +283,10 @@ def save_tasks_jsonl(tasks: Sequence[Task], path: str | os.PathLike) -> None:
 
 
 def load_tasks_jsonl(path: str | os.PathLike, report: LoadReport | None = None) -> list[Task]:
-    """Read tasks written by `save_tasks_jsonl`. Bad lines raise, or are skipped into `report`."""
+    """Read tasks written by `save_tasks_jsonl`. Bad lines raise, or are skipped into `report`.
+
+    A line is one task, whole or not at all: with `report`, every non-blank line of the file is either
+    loaded (counted in `report.loaded`) or skipped (one entry in `report.skipped`, counted by reason)."""
     tasks = []
     for lineno, row in read_jsonl(path, report=report):
         try:
@@ -279,6 +332,20 @@ def tasks_from_rows(rows, report: LoadReport | None = None) -> list[Task]:
         missing = [k for k in ("task", "input", "output") if row.get(k) is None]
         if missing:
             handle(DataError(f"row {i}: missing field", field=missing[0], task=row.get("task")), report)
+            continue
+        bad = [k for k in ("task", "input", "output") if not isinstance(row[k], str)]
+        if bad:
+            kind = type(row[bad[0]]).__name__
+            handle(
+                DataError(f"row {i}: must be a string, got {kind}", field=bad[0], task=None, reason="wrong_type"),
+                report,
+            )
+            continue
+        empty = [k for k in ("input", "output") if not row[k].strip()]
+        if empty:
+            handle(
+                DataError(f"row {i}: is empty", field=empty[0], task=row["task"], reason=f"empty_{empty[0]}"), report
+            )
             continue
         name = row["task"]
         if name not in tasks:

@@ -16,6 +16,7 @@ row and task.
 from __future__ import annotations
 
 import csv
+import io
 import os
 import random
 from collections import Counter
@@ -27,7 +28,7 @@ import jinja2.sandbox
 import yaml
 
 from .episodes import Example, Task
-from .files import DataError, LoadReport, handle, read_jsonl, shared_data_dir
+from .files import DataError, LoadReport, decode_text, handle, read_jsonl, shared_data_dir
 
 # ----------------------------------------------------------------------------- templates
 
@@ -218,16 +219,45 @@ def read_raw_rows(
     dataset: str, split: str = "val", root: str | os.PathLike | None = None
 ) -> list[tuple[str, int, dict]]:
     """(file, line, raw row) triples. SuperGLUE: `superglue/<Task>/<split>.jsonl`; ANLI: split 'r1'/'r2'
-    reads `anli/ANLI_analysis_<split>_dev.csv` (line = data row number + 1 for the header)."""
+    reads `anli/ANLI_analysis_<split>_dev.csv` (line = the file line where the record starts, which is
+    not the record number when a quoted field spans lines). Bytes that are not UTF-8 or a CSV that does
+    not parse raise `DataError` with the file and line."""
     base = Path(root) if root is not None else shared_data_dir()
     if dataset == "anli":
         path = base / "anli" / f"ANLI_analysis_{split}_dev.csv"
-        with open(path, encoding="utf-8", newline="") as f:
-            return [(str(path), i + 2, r) for i, r in enumerate(csv.DictReader(f))]
+        return read_csv_records(path, task=dataset)
     if dataset not in SUPERGLUE_FOLDERS:
         raise ValueError(f"unknown dataset {dataset!r}; known: anli, {', '.join(SUPERGLUE_FOLDERS)}")
     path = base / "superglue" / SUPERGLUE_FOLDERS[dataset] / f"{split}.jsonl"
     return [(str(path), line, r) for line, r in read_jsonl(path, task=dataset)]
+
+
+def read_csv_records(path: str | os.PathLike, task: str | None = None) -> list[tuple[str, int, dict]]:
+    """(file, line, row) for each record of a CSV with a header, rows as `csv.DictReader` gives them
+    (short rows padded with None, extra fields under the key None); `line` is the record's first line."""
+    text = decode_text(Path(path).read_bytes(), path, task=task)
+    reader = csv.reader(io.StringIO(text, newline=""))
+    out, header, end = [], None, 0
+    while True:
+        start = end + 1
+        try:
+            fields = next(reader, None)
+        except csv.Error as e:
+            raise DataError(f"CSV does not parse ({e})", file=path, line=start, task=task, reason="bad_csv") from e
+        end = reader.line_num
+        if fields is None:
+            return out
+        if not fields:  # blank line (DictReader skips these too)
+            continue
+        if header is None:
+            header = fields
+            continue
+        row: dict = dict(zip(header, fields))
+        if len(fields) > len(header):
+            row[None] = fields[len(header) :]
+        for key in header[len(fields) :]:
+            row[key] = None
+        out.append((str(path), start, row))
 
 
 # ----------------------------------------------------------------------------- tasks
@@ -286,7 +316,13 @@ def build_p3_task(
     if report is not None:
         report.loaded += len(examples)
         if not_applicable:
-            report.skip(ValueError(f"task {name!r}: template does not apply to {not_applicable} rows (P3 drops them)"))
+            report.skip(
+                ValueError(f"task {name!r}: template does not apply to {not_applicable} rows (P3 drops them)"),
+                reason="not_applicable",
+                count=not_applicable,
+            )
+        if not examples:
+            report.empty_task(f"task {name!r}: no example left")
     meta = {
         "dataset": dataset,
         "template": template.name,

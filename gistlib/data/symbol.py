@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from .episodes import Episode, Example, Task
-from .files import DataError, LoadReport, handle, read_jsonl, shared_data_dir
+from .files import DataError, LoadReport, decode_text, handle, read_jsonl, shared_data_dir
 
 # unrelated words: common nouns/adjectives that are no label of any dataset here
 UNRELATED_WORDS = [
@@ -73,7 +73,7 @@ def read_sst2(split: str = "train", root: str | os.PathLike | None = None, repor
     """SST-2 lines `<0/1> <sentence>` -> Task 'sst2' with outputs 'negative'/'positive'."""
     path = _classification_dir(root) / "sst2" / f"stsa.binary.{split}"
     examples = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for lineno, line in enumerate(decode_text(path.read_bytes(), path, task="sst2").splitlines(), start=1):
         if not line.strip():
             continue
         label, _, text = line.partition(" ")
@@ -113,6 +113,20 @@ def read_nli_jsonl(path: str | os.PathLike, name: str, report: LoadReport | None
         missing = [k for k in ("premise", "hypothesis", "label") if k not in row]
         if missing:
             handle(DataError("missing field", file=path, line=lineno, field=missing[0], task=name), report)
+            continue
+        kinds = {"premise": (str,), "hypothesis": (str,), "label": (str, int)}
+        bad = [k for k, ok in kinds.items() if not isinstance(row[k], ok) or isinstance(row[k], bool)]
+        if bad:
+            got = type(row[bad[0]]).__name__
+            error = DataError(
+                f"must be text, got {got}", file=path, line=lineno, field=bad[0], task=name, reason="wrong_type"
+            )
+            handle(error, report)
+            continue
+        empty = [k for k in ("premise", "hypothesis", "label") if not str(row[k]).strip()]
+        if empty:
+            reason = "empty_output" if empty[0] == "label" else "empty_input"
+            handle(DataError("is empty", file=path, line=lineno, field=empty[0], task=name, reason=reason), report)
             continue
         examples.append(Example(f"Premise: {row['premise']}\nHypothesis: {row['hypothesis']}", str(row["label"])))
     return _finish(Task(name, examples, family="classification"), report)
