@@ -190,3 +190,29 @@ def test_training_leaves_the_4bit_base_bit_identical(tmp_path):
     assert log and any(p.requires_grad for p in hyper.parameters())
     before, after = _snapshot(fresh), _snapshot(hyper.base)
     assert before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)
+
+
+def _write_ag_news_layout(folder: Path, rows: list[tuple[int, str, str]]) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "classes.txt").write_text("World\nSports\nBusiness\n")
+    lines = [f'{label},"{title}","{text}"' for label, title, text in rows]
+    (folder / "data.csv").write_text("\n".join(lines) + "\n")
+    return folder / "data.csv"
+
+
+def test_a_classification_csv_runs_every_method(tmp_path):
+    """The classification family reads any CSV in the AG News layout (`csv:PATH`) and feeds every method."""
+    words = {1: "match election", 2: "goal team", 3: "market shares"}
+    rows = [(lab, f"{w} {i}", f"news about {w} number {i}") for i in range(12) for lab, w in words.items()]
+    train = _write_ag_news_layout(tmp_path / "train", rows)
+    test = _write_ag_news_layout(tmp_path / "test", rows[:9])
+    sets = [
+        "data.family=classification", f"data.train_tasks=csv:{train}", f"data.eval_tasks=csv:{test}",
+        f"run.out_dir={tmp_path / 'out'}", f"run.cache_dir={tmp_path / 'runs'}", "run.progress=false",
+    ]  # fmt: skip
+    exp = tiny_experiment(load_experiment("symbol", sets))
+    summary = run_experiment(exp)
+    assert summary["data"]["train_tasks"] == 1 and summary["data"]["test_tasks"] == 1
+    for method in SCORED:
+        assert 0.0 <= summary["methods"][method]["accuracy"] <= 1.0, method
+    assert list(summary["methods"]["icl"]["by_group"]) == ["test_data"]

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from .csvfile import read_ag_news, read_csv_classification
 from .episodes import Episode, EpisodeSampler, Task, load_tasks_jsonl
 from .files import LoadReport, shared_data_dir
 from .p3 import build_p3_task, load_templates, read_raw_rows
@@ -79,17 +80,30 @@ def _sni_tasks(spec: str, data, report: LoadReport, which: str) -> list[Task]:
 
 
 def _classification_task(spec: str, data, report: LoadReport) -> Task:
+    """A classification set by name (sst2, trec, cb, rte, ag_news under root/classification), or any CSV in the
+    AG News layout as `csv:PATH` (label index column, text columns, `classes.txt` beside it)."""
     base = _root(data) / "classification"
+    if spec.startswith("csv:"):
+        path = Path(spec[4:])
+        task = read_csv_classification(
+            path, path.parent / "classes.txt", f"{path.parent.name}_{path.stem}", report=report
+        )
+        return _sample_per_label(task, data)
     readers: dict[str, Callable[[], Task]] = {
         "sst2": lambda: read_sst2("train", base, report),
         "trec": lambda: read_trec("train", base, report),
         "cb": lambda: read_nli_jsonl(base / "cb" / "train.jsonl", "cb", report),
         "rte": lambda: read_nli_jsonl(base / "rte" / "train.jsonl", "rte", report),
+        "ag_news": lambda: read_ag_news("train", base, report),
     }
     if spec not in readers:
         raise ValueError(f"data.family={data.family!r}: unknown dataset {spec!r}; known: {', '.join(readers)}")
-    task = readers[spec]()
-    if data.max_rows:  # keep every class: sample per label
+    return _sample_per_label(readers[spec](), data)
+
+
+def _sample_per_label(task: Task, data) -> Task:
+    """At most `data.max_rows` examples, the same number per label (every class kept)."""
+    if data.max_rows:
         rng = random.Random(data.seed)
         by_label: dict[str, list] = {}
         for ex in task.examples:
