@@ -260,3 +260,13 @@ def test_four_bit_base_stays_frozen_and_trains(tmp_path):
         a, b = hyper.make_prefix(h_ids, h_am), again.make_prefix(h_ids, h_am)
     torch.testing.assert_close(a.keys, b.keys, atol=1e-5, rtol=0)
     torch.testing.assert_close(a.values, b.values, atol=1e-5, rtol=0)
+
+
+def test_a_prefix_cannot_be_made_with_the_adapters_off():
+    """Inside downstream_mode() the base runs without LoRA: a prefix made there would silently be the base's."""
+    hyper = make_hyper()
+    ids = torch.tensor([[1, 5, 6, *GIST_IDS]])
+    hyper.make_prefix(ids, torch.ones_like(ids))
+    with hyper.downstream_mode(), pytest.raises(RuntimeError, match="inside downstream_mode"):
+        hyper.make_prefix(ids, torch.ones_like(ids))
+    assert not hyper.adapters_off

@@ -179,6 +179,14 @@ class HyperLlama(nn.Module):
         """The wrapped transformers model (LoRA layers inside; switch them off with `downstream_mode`)."""
         return self.peft.get_base_model()
 
+    @property
+    def adapters_off(self) -> bool:
+        """True inside `downstream_mode()` (every LoRA layer disabled)."""
+        from peft.tuners.lora import LoraLayer
+
+        layers = [m for m in self.peft.modules() if isinstance(m, LoraLayer)]
+        return bool(layers) and all(m.disable_adapters for m in layers)
+
     def downstream_mode(self):
         """Context manager: inside it, the base runs without adapters (the downstream model)."""
         return self.peft.disable_adapter()
@@ -198,8 +206,14 @@ class HyperLlama(nn.Module):
         """Canonical prefixes (n, B, H_kv, k, hd) for a batch of `[BOS] demos G_1..G_k` rows.
 
         One hypernetwork pass (adapters on); gist keys are captured inside attention at their
-        absolute positions, re-rotated to 0..k-1, then passed through the prefix head.
+        absolute positions, re-rotated to 0..k-1, then passed through the prefix head. Raises inside
+        `downstream_mode()`: there the adapters are off and the pass would be the frozen base's, not the hypernetwork's.
         """
+        if self.adapters_off:
+            raise RuntimeError(
+                "HyperLlama.make_prefix inside downstream_mode(): the adapters are off, so this would be the frozen "
+                "base's pass; make the prefix first, then score or generate inside downstream_mode()"
+            )
         gist_ids = self.gist_ids.tolist()
         mask = make_gist_mask(hyper_input_ids, gist_ids, attention_mask=hyper_attention_mask)
         positions = positions_from_mask(hyper_attention_mask)

@@ -319,7 +319,8 @@ HYPER_TRAIN_FIELDS = (
 
 
 def hyper_prefix_method(hyper: HyperLlama, episodes, b: Bundle, name: str = "hyperllama"):
-    """HyperLlama's prefixes for `episodes`, read by the frozen base (call inside `hyper.downstream_mode()`)."""
+    """HyperLlama's prefixes for `episodes` (made with the adapters on), read by the frozen base: score the method
+    inside `hyper.downstream_mode()`, never make the prefixes there."""
     prefixes = hyper_prefixes(hyper, episodes, b.tokenizer, b.fmt, b.exp.data.max_hyper_tokens)
     return with_prefixes(name, hyper.base, prefixes, b.tokenizer, b.fmt), prefixes
 
@@ -356,8 +357,10 @@ def train_hyper(b: Bundle, k: int, seed: int) -> tuple[HyperLlama, list[dict]]:
 
     def val_score(h, step):
         h.eval()
-        with torch.no_grad(), h.downstream_mode():
-            return _accuracy(hyper_prefix_method(h, val, b)[0], val, b)
+        with torch.no_grad():
+            method = hyper_prefix_method(h, val, b)[0]
+            with h.downstream_mode():
+                return _accuracy(method, val, b)
 
     teacher = t.teacher_queries if exp.hyper.distill_weight > 0 else 0
     batches = hyper_batches(
@@ -584,9 +587,10 @@ def run_experiment(exp: Experiment, bundle: Bundle | None = None) -> dict:
         runs = [(k0, s) for s in exp.run.seeds] + [(k, exp.run.seeds[0]) for k in exp.gist_counts if k != k0]
         for k, seed in tqdm(runs, desc="hyperllama runs", disable=not exp.run.progress):
             hyper, log = train_hyper(b, k, seed)
-            with torch.no_grad(), hyper.downstream_mode():
+            with torch.no_grad():
                 method, prefixes = hyper_prefix_method(hyper, test, b)
-                entry = score(method)
+                with hyper.downstream_mode():
+                    entry = score(method)
             if k == k0:
                 per_seed[str(seed)] = entry
                 logs[f"hyperllama_seed{seed}"] = log
