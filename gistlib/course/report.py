@@ -113,7 +113,9 @@ def plot_methods(summary: dict):
     acc = [m[n]["accuracy"] for n in names]
     err = [[a - m[n]["ci95"][0] for n, a in zip(names, acc)], [m[n]["ci95"][1] - a for n, a in zip(names, acc)]]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.bar(names, acc, yerr=err, capsize=4, color=["#999", "#4a7", "#c84", "#47c"][: len(names)])
+    colors = {"zero_shot": "#999", "icl": "#4a7", "multitask_icl": "#2a5", "gisting": "#c84", "hyperllama": "#47c"}
+    ax.bar(names, acc, yerr=err, capsize=4, color=[colors[n] for n in names])
+    ax.tick_params(axis="x", labelsize=8)
     ax.set_ylim(0, 1)
     ax.set_ylabel("accuracy (held-out tasks)")
     ax.set_title(f"methods, {m[names[0]]['n_episodes']} test episodes, 95% CI")
@@ -163,7 +165,7 @@ def plot_tradeoff(summary: dict, method: str = "hyperllama"):
     fig, ax = plt.subplots(figsize=(6, 3.5))
     sweep = summary.get("gist_sweep", {})
     ks = sorted(sweep, key=int)
-    icl_levels = summary["methods"]["icl"]["by_group"]
+    icl_levels = summary["methods"].get("icl", {}).get("by_group", {})
     for i, lvl in enumerate(sorted(icl_levels)):
         color = f"C{i}"
         ax.plot(
