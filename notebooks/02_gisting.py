@@ -34,12 +34,11 @@
 # zero-shot (no demos).
 
 # %% tags=["parameters"]
-TIER: str = "pocket"  # smoke | pocket (the llama2 tier is lesson 7)
+TIER: str = "pocket"  # smoke | pocket: configs/smoke.json | configs/pocket.json (the llama2 tier is lesson 7)
 SEED: int = 0
-GIST_COUNTS: list = []  # []: the tier's (smoke [1, 2]; pocket [1, 2, 4, 8, 16])
-GISTING_STEPS: int = 0  # per k; 0: the tier's (smoke 20; pocket 400)
-TEST_EPISODES: int = 0  # 0: the tier's (smoke 12; pocket 200)
-RUN_DIR: str = "runs"  # models are cached under RUN_DIR/TIER (shared with `python -m gistlib course`)
+# OVERRIDES: "section.field=value" strings applied on top of configs/TIER.json, e.g. ["train.gisting_steps=800"]
+OVERRIDES: list = []  # config changes (printed below with the values the lesson uses)
+RUN_DIR: str = "runs"  # models are cached under RUN_DIR/TIER (shared with `python -m gistlib run configs/TIER.json`)
 THREADS: int = 0  # torch threads (0: leave as is)
 RESULTS_PATH: str = "results/notebooks/02.json"
 
@@ -71,35 +70,36 @@ T0 = time.perf_counter()
 RESULTS: dict = {"tier": TIER}
 
 # %%
-# the tier's configuration, the pocket suite, its word-level tokenizer and the pretrained base
-from gistlib.course.pipeline import fixed_episodes, load_base, select, tier_config
+# the tier's experiment (configs/TIER.json), its tokenizer, pocket tasks and the pretrained base
+from dataclasses import replace
 
-from gistlib.data import COMPACT as FMT
-from gistlib.data import load_pocket_suite, pocket_tokenizer
-from gistlib.models.tiny import gist_token_ids
+from gistlib.course.experiment import load_experiment
+from gistlib.course.runner import load_bundle
 
 assert TIER in ("smoke", "pocket"), "this lesson runs in the smoke and pocket tiers; the llama2 tier is lesson 7"
-CACHE = ROOT / RUN_DIR / TIER  # trained models are cached here (`python -m gistlib course` fills it)
-cfg = tier_config(TIER, cache_dir=str(CACHE), out_dir=str(ROOT / "results" / TIER))
-suite = load_pocket_suite()
-tok = pocket_tokenizer(16)
+CACHE = ROOT / RUN_DIR / TIER  # trained models are cached here (`python -m gistlib run configs/TIER.json` fills it)
+# this lesson's sweep: every k of `methods.gist_sweep` (and hyper.num_gist_tokens) trained with the same steps;
+# the smoke tier's 4 config steps barely move a model, so the lesson trains 20 (lesson 3 reads these models)
+LESSON = {"smoke": ["methods.gist_sweep=[1]", "train.gisting_steps=20", "train.eval_every=5"],
+          "pocket": ["methods.gist_sweep=[1,2,4,16]", "train.gisting_steps=400", "train.eval_every=100"]}[TIER]
+exp = load_experiment(TIER, [f"run.cache_dir={CACHE}", *LESSON, *OVERRIDES])
 t = time.perf_counter()
-base, base_dir = load_base(cfg, suite, tok)  # trains the base if it is not cached (pocket: minutes)
-print(f"base from {base_dir} ({time.perf_counter() - t:.0f} s): {sum(p.numel() for p in base.parameters()):,} "
+b = load_bundle(exp)  # trains the base into CACHE/base if there is none (pocket ships data/pocket_base)
+b.exp = replace(exp, run=replace(exp.run, cache_dir=str(CACHE / "lesson02")))  # the sweep's own folder
+tok, FMT = b.tokenizer, b.fmt
+base = b.fresh_base()
+print(f"base from {b.base_dir} ({time.perf_counter() - t:.0f} s): {sum(p.numel() for p in base.parameters()):,} "
       f"parameters, {base.config.num_hidden_layers} layers, vocabulary {len(tok)}")
 
 # %%
-GIST_COUNTS = GIST_COUNTS or ([1, 2] if TIER == "smoke" else [1, 2, 4, 8, 16])
-GISTING_STEPS = GISTING_STEPS or (20 if TIER == "smoke" else 400)
-TEST_EPISODES = TEST_EPISODES or (12 if TIER == "smoke" else 200)
-# this lesson's gisting runs live in their own folder: the same steps for every k
-sweep_cfg = tier_config(TIER, cache_dir=str(CACHE / "lesson02"), gisting_steps=GISTING_STEPS,
-                        eval_every=max(5, GISTING_STEPS // 4), patience=0)
-test_tasks = select(suite["test"], cfg)
-level_of = {t.name: t.meta["level"] for t in test_tasks}
-test = fixed_episodes(test_tasks, TEST_EPISODES, cfg.queries_per_episode, seed=12345)
-levels = [level_of[ep.task] for ep in test]
-print(f"k in {GIST_COUNTS}, {GISTING_STEPS} steps each; {len(test)} held-out episodes, levels {sorted(set(levels))}")
+GIST_COUNTS = list(exp.gist_counts)
+tr, ev = exp.train, exp.eval
+test = b.source.test_episodes(ev.test_episodes, ev.queries_per_episode, ev.seed)
+levels = [b.source.group(ep) for ep in test]
+print(f"k in {GIST_COUNTS}: {tr.gisting_steps} steps each, lr {tr.gisting_lr}, batch {tr.gisting_batch}, "
+      f"validation every {tr.eval_every} steps on {tr.val_episodes} episodes")
+print(f"{len(test)} held-out test episodes ({ev.queries_per_episode} queries each), levels {sorted(set(levels))}")
+print(f"models cached under {b.cache}")
 
 # %% [markdown]
 # ## What a gisting training row looks like
@@ -111,26 +111,28 @@ from gistlib.course.viz import token_labels
 from gistlib.data.batches import gisting_batches
 
 K_SHOW = max(GIST_COUNTS)
-batch = next(gisting_batches(select(suite["train"], cfg), tok, gist_token_ids(tok)[:K_SHOW], batch_size=2))
+batch = next(gisting_batches(b.source.training_episodes(SEED, 1), tok, b.gist_ids(K_SHOW), batch_size=2, fmt=FMT))
 for ids, lab in zip(batch["input_ids"], batch["labels"]):
-    print(" ".join(token_labels(tok, ids, gist_token_ids(tok))))
+    print(" ".join(token_labels(tok, ids, b.gist_ids(K_SHOW))))
     print("   loss on:", tok.decode([t for t in lab.tolist() if t != -100]))
 
 # %% [markdown]
 # ## Train one gisting model per k
-# `gistlib.course.pipeline.train_gisting` fine-tunes every weight of a fresh copy of the base under the gist mask
-# with `gistlib.train.loop.train` and early-stops on validation tasks (never on the test tasks). Trained models
-# are cached, so a second run of this notebook is fast.
+# `gistlib.course.runner.train_gisting(b, k)`, the runner's own Gisting stage, fine-tunes every weight of a fresh
+# copy of the base under the gist mask with `gistlib.train.loop.train`, validates every `train.eval_every` steps on
+# validation tasks (never on the test tasks) and keeps the best weights. It returns an `LMTrainee` (the model is
+# `.model`) and the training log. Trained models are cached with the settings that made them, so a second run of
+# this notebook is fast (and a run with other settings is refused: change `run.cache_dir` or delete the folder).
 
 # %%
-from gistlib.course.pipeline import train_gisting
-
+from gistlib.course.runner import train_gisting
 from gistlib.course.viz import plot_loss_curves
 
 gisting_models, logs = {}, {}
 for k in GIST_COUNTS:
     t = time.perf_counter()
-    gisting_models[k], logs[f"k={k}"] = train_gisting(sweep_cfg, suite, tok, base_dir, k)
+    trainee, logs[f"k={k}"] = train_gisting(b, k)
+    gisting_models[k] = trainee.model
     print(f"k={k:2d}: {len(logs[f'k={k}'])} logged steps, {time.perf_counter() - t:.0f} s")
 plot_loss_curves(logs, title="gisting: training loss (and validation accuracy)")
 
@@ -147,7 +149,7 @@ from gistlib.core.prefix import extract_prefix, forward_with_mask, forward_with_
 from gistlib.data import render_gisting, render_hyper_input
 
 k0 = max(GIST_COUNTS)
-model, gist = gisting_models[k0], gist_token_ids(tok)[:k0]
+model, gist = gisting_models[k0], b.gist_ids(k0)
 caching_diffs = []
 for ep in test[:4]:
     full, _ = render_gisting(ep, ep.queries[0], tok, gist, FMT)
@@ -175,16 +177,16 @@ RESULTS["prefix_shape"] = list(prefix.keys.shape)
 # zero-shot the negative one (chance by construction).
 
 # %%
-from gistlib.course.pipeline import compression
-
+from gistlib.course.runner import compression, gisting_method
 from gistlib.course.viz import accuracy_by_group
-from gistlib.train.evaluate import evaluate, gisting, icl, zero_shot
+from gistlib.train.evaluate import evaluate, icl, zero_shot
 
+d = exp.data
 scores = {"zero_shot": evaluate(zero_shot(base, tok, FMT), test, tok, FMT),
-          "icl": evaluate(icl(base, tok, FMT), test, tok, FMT)}
+          "icl": evaluate(icl(base, tok, FMT, max_tokens=d.max_hyper_tokens + d.max_tokens), test, tok, FMT)}
 for k, m in gisting_models.items():
-    scores[f"gisting k={k}"] = evaluate(gisting(m, test, tok, gist_token_ids(tok)[:k], FMT), test, tok, FMT)
-demo_tokens = compression(cfg, base, test, tok, 1)["mean_demo_tokens"]
+    scores[f"gisting k={k}"] = evaluate(gisting_method(m, test, b, k), test, tok, FMT)
+demo_tokens = compression(b, base, test, 1)["mean_demo_tokens"]
 print(f"demos: {demo_tokens:.1f} tokens on average\n")
 print(f"{'method':<16} {'accuracy [95% CI]':<24} " + " ".join(f"{lvl:>6}" for lvl in sorted(set(levels))))
 for name, r in scores.items():
@@ -196,8 +198,8 @@ RESULTS["gisting_loss_first_last"] = {name: [log[0]["loss"], log[-1]["loss"]] fo
 # %%
 from gistlib.course.report import plot_tradeoff
 
-summary = {"methods": {"icl": {"by_level": accuracy_by_group(scores["icl"].per_episode, levels)}},
-           "gist_sweep": {str(k): {"by_level": accuracy_by_group(scores[f"gisting k={k}"].per_episode, levels)}
+summary = {"methods": {"icl": {"by_group": accuracy_by_group(scores["icl"].per_episode, levels)}},
+           "gist_sweep": {str(k): {"by_group": accuracy_by_group(scores[f"gisting k={k}"].per_episode, levels)}
                           for k in GIST_COUNTS}}
 fig = plot_tradeoff(summary, method="gisting")
 fig.axes[0].set_title("Gisting: accuracy vs gist tokens (dashed: ICL)");
@@ -212,7 +214,8 @@ fig.axes[0].set_title("Gisting: accuracy vs gist tokens (dashed: ICL)");
 # in-context learning itself (loss stuck near 1.0, then a sudden drop). A model still on the plateau says
 # "not trained long enough", not "k is too small". In the pocket run recorded in the README, k = 1, 2, 4 and 8
 # were all still on it after 400 steps while k = 16 had left it; the course's k = 8 model, trained 600 steps
-# on another schedule, reached 0.75. Raise `GISTING_STEPS` and watch the validation curves above.
+# on another schedule, reached 0.75. Raise the steps (`OVERRIDES = ["train.gisting_steps=800"]`) and watch the
+# validation curves above.
 
 # %%
 # the key numbers, machine-readable (tests/test_notebooks.py asserts them)

@@ -34,9 +34,9 @@
 # %% tags=["parameters"]
 TIER: str = "pocket"  # smoke | pocket (the llama2 tier is lesson 7)
 SEED: int = 0
-NUM_GIST_TOKENS: int = 0  # 0: the largest k of lesson 2 (smoke 2; pocket 16)
-GISTING_STEPS: int = 0  # only used if lesson 2's model is not cached; 0: the tier's (smoke 20; pocket 400)
-RUN_DIR: str = "runs"
+# OVERRIDES: "section.field=value" strings on top of configs/TIER.json; give lesson 2's, to read its models
+OVERRIDES: list = []  # config changes (printed below with the values the lesson uses)
+RUN_DIR: str = "runs"  # models are cached under RUN_DIR/TIER (shared with `python -m gistlib run configs/TIER.json`)
 THREADS: int = 0  # torch threads (0: leave as is)
 RESULTS_PATH: str = "results/notebooks/03.json"
 
@@ -68,42 +68,46 @@ T0 = time.perf_counter()
 RESULTS: dict = {"tier": TIER}
 
 # %%
-# the tier's configuration, the pocket suite, its word-level tokenizer and the pretrained base
-from gistlib.course.pipeline import fixed_episodes, load_base, select, tier_config
+# the tier's experiment (configs/TIER.json), its tokenizer, pocket tasks and the pretrained base
+from dataclasses import replace
 
-from gistlib.data import COMPACT as FMT
-from gistlib.data import load_pocket_suite, pocket_tokenizer
-from gistlib.models.tiny import gist_token_ids
+from gistlib.course.experiment import load_experiment
+from gistlib.course.runner import load_bundle
 
 assert TIER in ("smoke", "pocket"), "this lesson runs in the smoke and pocket tiers; the llama2 tier is lesson 7"
-CACHE = ROOT / RUN_DIR / TIER  # trained models are cached here (`python -m gistlib course` fills it)
-cfg = tier_config(TIER, cache_dir=str(CACHE), out_dir=str(ROOT / "results" / TIER))
-suite = load_pocket_suite()
-tok = pocket_tokenizer(16)
+CACHE = ROOT / RUN_DIR / TIER  # trained models are cached here (`python -m gistlib run configs/TIER.json` fills it)
+# lesson 2's sweep settings, unchanged: its cached models are read (a model trained otherwise would be refused)
+LESSON = {"smoke": ["methods.gist_sweep=[1]", "train.gisting_steps=20", "train.eval_every=5"],
+          "pocket": ["methods.gist_sweep=[1,2,4,16]", "train.gisting_steps=400", "train.eval_every=100"]}[TIER]
+exp = load_experiment(TIER, [f"run.cache_dir={CACHE}", *LESSON, *OVERRIDES])
 t = time.perf_counter()
-base, base_dir = load_base(cfg, suite, tok)  # trains the base if it is not cached (pocket: minutes)
-print(f"base from {base_dir} ({time.perf_counter() - t:.0f} s): {sum(p.numel() for p in base.parameters()):,} "
+b = load_bundle(exp)  # trains the base into CACHE/base if there is none (pocket ships data/pocket_base)
+b.exp = replace(exp, run=replace(exp.run, cache_dir=str(CACHE / "lesson02")))  # lesson 2's folder
+tok, FMT = b.tokenizer, b.fmt
+base = b.fresh_base()
+print(f"base from {b.base_dir} ({time.perf_counter() - t:.0f} s): {sum(p.numel() for p in base.parameters()):,} "
       f"parameters, {base.config.num_hidden_layers} layers, vocabulary {len(tok)}")
 
 # %%
-from gistlib.course.pipeline import train_gisting
+from gistlib.course.runner import train_gisting
 
-K = NUM_GIST_TOKENS or (2 if TIER == "smoke" else 16)
-steps = GISTING_STEPS or (20 if TIER == "smoke" else 400)
-sweep_cfg = tier_config(TIER, cache_dir=str(CACHE / "lesson02"), gisting_steps=steps,
-                        eval_every=max(5, steps // 4), patience=0)
-model, _ = train_gisting(sweep_cfg, suite, tok, base_dir, K)  # lesson 2's model (trained here if missing)
+K = max(exp.gist_counts)  # lesson 2's largest k
+print(f"k = {K}, {exp.train.gisting_steps} gisting steps (lr {exp.train.gisting_lr}), models in {b.cache}")
+t = time.perf_counter()
+trainee, _ = train_gisting(b, K)  # lesson 2's model (trained here if missing)
+model = trainee.model
 model.set_attn_implementation("eager")  # sdpa returns no attention maps
-GIST = gist_token_ids(tok)[:K]
-print(f"gisting model with k={K}, attention: {model.config._attn_implementation}")
+GIST = b.gist_ids(K)
+print(f"gisting model with k={K} ({time.perf_counter() - t:.0f} s), attention: {model.config._attn_implementation}")
 
 # %%
 from gistlib.core.masks import make_gist_mask
 from gistlib.course.viz import attention_maps, attention_mass, plot_attention, token_labels
-from gistlib.data import render_gisting
+from gistlib.data import EpisodeSampler, render_gisting
 
-test_tasks = select(suite["test"], cfg)
-episode = fixed_episodes([t for t in test_tasks if t.meta["level"] == "C2"] or test_tasks, 1, 1, seed=SEED)[0]
+test_tasks = b.source.test
+c2 = [t for t in test_tasks if t.meta["level"] == "C2"] or test_tasks  # the easiest level: the fewest demos
+episode = EpisodeSampler(c2, None, 1, seed=SEED, num_episodes=1, balanced=exp.data.balanced_demos).take(1)[0]
 row, _ = render_gisting(episode, episode.queries[0], tok, GIST, FMT)
 ids = torch.tensor([row])
 labels = token_labels(tok, row, GIST)

@@ -29,19 +29,16 @@
 # Goal: train a gisting-based hypernetwork over a *frozen* base. The hypernetwork is the base plus LoRA on
 # every linear map plus k trainable gist embeddings; it reads `[BOS] demos G_1..G_k`, and the gists' keys
 # and values in every layer become a prefix for the same base with the adapters switched off, which
-# answers the queries. You will look at a batch, count what trains, watch the loss live, and check that
-# not one bit of the base changed.
+# answers the queries. You will look at a batch, count what trains, train it with the course runner's own
+# `train_hyper`, read the loss curves, and check that not one bit of the base changed.
 
 # %% tags=["parameters"]
-TIER: str = "pocket"  # smoke | pocket (the llama2 tier is lesson 7)
+TIER: str = "pocket"  # smoke | pocket: configs/smoke.json | configs/pocket.json (the llama2 tier is lesson 7)
 SEED: int = 0
-NUM_GIST_TOKENS: int = 0  # 0: the tier's (smoke 2; pocket 8)
-HYPERPRETRAIN_STEPS: int = 0  # stage (a) on plain text; 0: the tier's (smoke 2; pocket 100)
-HYPER_STEPS: int = 0  # stage (b), multi-task; 0: the tier's (smoke 30; pocket 600)
-LR: float = 0.0  # 0: the tier's (smoke 1e-2, so a near-random smoke model moves within 30 steps; pocket 2e-3)
-EVAL_EVERY: int = 0  # live plot and validation every this many steps; 0: smoke 10, pocket 50
-TEST_EPISODES: int = 0  # 0: the tier's (smoke 12; pocket 200)
-RUN_DIR: str = "runs"
+# OVERRIDES: "section.field=value" strings applied on top of configs/TIER.json and the lesson budget below,
+# e.g. ["train.hyper_steps=1000", "hyper.distill_weight=0"]
+OVERRIDES: list = []  # config changes (printed below with the values the lesson uses)
+RUN_DIR: str = "runs"  # models are cached under RUN_DIR/TIER (shared with `python -m gistlib run configs/TIER.json`)
 THREADS: int = 0  # torch threads (0: leave as is)
 RESULTS_PATH: str = "results/notebooks/04.json"
 
@@ -73,40 +70,46 @@ T0 = time.perf_counter()
 RESULTS: dict = {"tier": TIER}
 
 # %%
-# the tier's configuration, the pocket suite, its word-level tokenizer and the pretrained base
-from gistlib.course.pipeline import fixed_episodes, load_base, select, tier_config
+# the tier's experiment (configs/TIER.json) with this lesson's budget, its tokenizer, pocket tasks and the base
+import shutil
+from dataclasses import replace
 
-from gistlib.data import COMPACT as FMT
-from gistlib.data import load_pocket_suite, pocket_tokenizer
-from gistlib.models.tiny import gist_token_ids
+from gistlib.course.experiment import load_experiment
+from gistlib.course.runner import load_bundle
 
 assert TIER in ("smoke", "pocket"), "this lesson runs in the smoke and pocket tiers; the llama2 tier is lesson 7"
-CACHE = ROOT / RUN_DIR / TIER  # trained models are cached here (`python -m gistlib course` fills it)
-cfg = tier_config(TIER, cache_dir=str(CACHE), out_dir=str(ROOT / "results" / TIER))
-suite = load_pocket_suite()
-tok = pocket_tokenizer(16)
+CACHE = ROOT / RUN_DIR / TIER  # trained models are cached here (`python -m gistlib run configs/TIER.json` fills it)
+# the lesson's budget (shorter than the course's runs, long enough to watch the loss fall): the smoke tier takes
+# 30 steps at lr 1e-2, so that a near-random smoke model moves at all; validation every 10 steps
+LESSON = {"smoke": ["train.hyper_steps=30", "train.hyper_lr=0.01", "train.eval_every=10"],
+          "pocket": ["train.hyperpretrain_steps=100", "train.hyper_steps=600", "train.eval_every=50",
+                     "eval.test_episodes=200"]}[TIER]
+exp = load_experiment(TIER, [f"run.cache_dir={CACHE}", *LESSON, *OVERRIDES])
 t = time.perf_counter()
-base, base_dir = load_base(cfg, suite, tok)  # trains the base if it is not cached (pocket: minutes)
-print(f"base from {base_dir} ({time.perf_counter() - t:.0f} s): {sum(p.numel() for p in base.parameters()):,} "
-      f"parameters, {base.config.num_hidden_layers} layers, vocabulary {len(tok)}")
+b = load_bundle(exp)  # trains the base into CACHE/base if there is none (pocket ships data/pocket_base)
+LESSON_CACHE = CACHE / "lesson04"  # this lesson's model: its own folder, the course's models stay untouched
+b.exp = exp = replace(exp, run=replace(exp.run, cache_dir=str(LESSON_CACHE)))
+tok, FMT = b.tokenizer, b.fmt
+print(f"base from {b.base_dir} ({time.perf_counter() - t:.0f} s), vocabulary {len(tok)}")
 
 # %%
-from transformers import LlamaForCausalLM
+h, tr, d = exp.hyper, exp.train, exp.data
+K = h.num_gist_tokens
+print(f"k = {K} gist tokens, LoRA rank {h.lora_rank} (alpha {h.lora_alpha}), distill weight {h.distill_weight}")
+print(f"(a) hyperpretraining: {tr.hyperpretrain_steps} steps, {tr.hyperpretrain_context} context tokens")
+print(f"(b) multi-task: {tr.hyper_steps} steps, lr {tr.hyper_lr}, {tr.tasks_per_batch} tasks x {tr.queries_per_task} "
+      f"queries per batch ({tr.teacher_queries} with a teacher row); validation every {tr.eval_every} steps on "
+      f"{tr.val_episodes} episodes")
+print(f"test: {exp.eval.test_episodes} episodes x {exp.eval.queries_per_episode} queries; seed {SEED}")
 
-from gistlib.core.hyper import HyperConfig, HyperLlama
+# %%
+from gistlib.core.hyper import HyperLlama
 
-K = NUM_GIST_TOKENS or cfg.num_gist_tokens
-HYPERPRETRAIN_STEPS = HYPERPRETRAIN_STEPS or (2 if TIER == "smoke" else 100)
-HYPER_STEPS = HYPER_STEPS or (30 if TIER == "smoke" else 600)
-LR = LR or (1e-2 if TIER == "smoke" else cfg.hyper_lr)
-EVAL_EVERY = EVAL_EVERY or (10 if TIER == "smoke" else 50)
-TEST_EPISODES = TEST_EPISODES or (12 if TIER == "smoke" else 200)
-GIST = gist_token_ids(tok)[:K]
-fresh = LlamaForCausalLM.from_pretrained(base_dir, local_files_only=True).float()  # a copy to wrap
-hyper = HyperLlama(fresh, GIST, HyperConfig(num_gist_tokens=K, lora_rank=cfg.lora_rank,
-                                                            lora_alpha=cfg.lora_alpha, seed=SEED))
-n_total = sum(p.numel() for p in hyper.parameters())
-trainable = hyper.trainable_state()
+GIST = b.gist_ids(K)
+# exactly the HyperLlama `train_hyper` starts from (a fresh base; LoRA and head initialised from the seed)
+start = HyperLlama(b.fresh_base(), GIST, replace(h, num_gist_tokens=K, seed=SEED))
+n_total = sum(p.numel() for p in start.parameters())
+trainable = start.trainable_state()
 n_train = sum(p.numel() for p in trainable.values())
 print(f"{n_train:,} trainable of {n_total:,} parameters ({100 * n_train / n_total:.1f}%):")
 for kind in ("lora_A", "lora_B", "gist_embeddings", "prefix_head"):
@@ -117,7 +120,8 @@ RESULTS["trainable_parameters"], RESULTS["total_parameters"] = n_train, n_total
 # ## One batch
 # Each training step takes a few tasks: for each, the hypernetwork reads its demos (left-padded rows), and
 # the downstream model answers several other queries of the same task (`task_index` says which prefix
-# each downstream row uses).
+# each downstream row uses). The batches are built from the same episode stream the training reads,
+# `b.source.training_episodes(seed, queries_per_task)`.
 #
 # The `icl_*` rows are a teacher, an addition to the paper: the same frozen base reading the demos *in
 # context* before the query (`icl_rows` names the downstream row each one teaches). Besides the
@@ -127,14 +131,13 @@ RESULTS["trainable_parameters"], RESULTS["total_parameters"] = n_train, n_total
 # make the model compute. On the pocket suite, runs trained on the answer alone mostly stayed at
 # zero-shot accuracy; with the teacher, every seed tried with the course's settings learned (README, "What we
 # changed and why").
-# Set `distill_weight=0` in the config to train as the paper does.
+# Set `OVERRIDES = ["hyper.distill_weight=0"]` to train as the paper does.
 
 # %%
 from gistlib.course.viz import token_labels
 from gistlib.data.batches import hyper_batches
 
-train_tasks = select(suite["train"], cfg)
-peek = next(hyper_batches(train_tasks, tok, GIST, tasks_per_batch=2, queries_per_task=2, seed=SEED,
+peek = next(hyper_batches(b.source.training_episodes(SEED, 2), tok, GIST, 2, FMT, d.max_hyper_tokens, d.max_tokens,
                           teacher_queries=1))
 for name, v in peek.items():
     print(f"{name:<22} {tuple(v.shape)}")
@@ -144,56 +147,32 @@ for r in range(2):
 print(f"teacher of downstream row {int(peek['icl_rows'][0])}:", " ".join(token_labels(tok, peek["icl_input_ids"][0])))
 
 # %% [markdown]
-# ## Snapshot the base, then train with a live loss plot
-# Stage (a), hyperpretraining: the hypernetwork reads a stretch of text, the downstream model continues it
-# from the prefix alone. Stage (b), multi-task training on the training tasks, validated on separate tasks.
-# `gistlib.train.loop.train` calls `evaluate(hyper, step)` every `EVAL_EVERY` steps: we use it to score the
-# validation tasks and redraw the loss.
+# ## Train: the course runner's `train_hyper`
+# `gistlib.course.runner.train_hyper(b, k, seed)` is the very function `python -m gistlib run configs/pocket.json`
+# calls for every seed. It runs two stages with `gistlib.train.loop.train`:
+#
+# - **(a) hyperpretraining** (`train.hyperpretrain_steps`): the hypernetwork reads a stretch of plain text, the
+#   downstream model continues it from the prefix alone;
+# - **(b) multi-task training** (`train.hyper_steps`) on the training tasks' episodes, with the teacher rows
+#   above; every `train.eval_every` steps it scores validation episodes (never test data) and keeps the best
+#   weights, which it saves to `run.cache_dir/hyper-k{k}-s{seed}/final`.
+#
+# The progress bar shows the loss as it trains; the curves follow.
 
 # %%
-import shutil
-
-from IPython.display import display
-
+from gistlib.course.runner import train_hyper
 from gistlib.course.viz import plot_loss_curves, read_metrics
-from gistlib.data import load_pocket_corpus
-from gistlib.data.batches import hyperpretrain_batches
-from gistlib.train.evaluate import evaluate, hyper_prefixes, icl, with_prefixes, zero_shot
-from gistlib.train.loop import TrainConfig, train
 
-frozen_before = {n: p.detach().clone() for n, p in hyper.base.named_parameters() if "lora_" not in n}
-trainable_before = {n: p.detach().clone() for n, p in hyper.trainable_state().items()}
-OUT = CACHE / "lesson04"
-shutil.rmtree(OUT, ignore_errors=True)  # this lesson trains from scratch every time
-
-pre = TrainConfig(steps=HYPERPRETRAIN_STEPS, lr=LR, warmup_steps=min(20, HYPERPRETRAIN_STEPS), seed=SEED,
-                  out_dir=str(OUT / "hyperpretrain"), progress=False, log_every=10)
-ctx = 24 if TIER == "smoke" else 48
-pre_batches = hyperpretrain_batches(load_pocket_corpus(), tok, GIST, cfg.tasks_per_batch, ctx, 16, seed=SEED)
-pre_log = train(hyper, pre_batches, pre)
-print(f"hyperpretraining: loss {pre_log[0]['loss']:.3f} -> {pre_log[-1]['loss']:.3f}")
-
-val = fixed_episodes(select(suite["validation"], cfg), cfg.val_episodes, 2, seed=1)
-live = display(plot_loss_curves({"hyperpretrain": pre_log}), display_id=True)
-
-def validate(h, step):
-    h.eval()
-    with torch.no_grad():
-        prefixes = hyper_prefixes(h, val, tok, FMT)
-        with h.downstream_mode():
-            acc = evaluate(with_prefixes("hyperllama", h.base, prefixes, tok, FMT), val, tok, FMT).accuracy
-    records = read_metrics(OUT / "multitask" / "metrics.jsonl") + [{"step": step, "loss": float("nan"), "eval": acc}]
-    live.update(plot_loss_curves({"multi-task": records}, title=f"HyperLlama, step {step}: validation {acc:.2f}"))
-    return acc
-
-main = TrainConfig(steps=HYPER_STEPS, lr=LR, warmup_steps=min(100, HYPER_STEPS // 10), final_lr_fraction=0.1,
-                   eval_every=EVAL_EVERY, seed=SEED, out_dir=str(OUT / "multitask"), progress=False, log_every=10,
-                   distill_weight=cfg.distill_weight)
+shutil.rmtree(LESSON_CACHE, ignore_errors=True)  # this lesson trains from scratch every time
 t = time.perf_counter()
-log = train(hyper, hyper_batches(train_tasks, tok, GIST, cfg.tasks_per_batch, cfg.queries_per_task, seed=SEED,
-                                 repeat_demo_prob=cfg.repeat_demo_prob, balanced=cfg.balanced_demos,
-                                 teacher_queries=cfg.teacher_queries), main, evaluate=validate)
-print(f"{len(log)} steps in {time.perf_counter() - t:.0f} s")
+hyper, log = train_hyper(b, K, SEED)
+RUN = b.cache / f"hyper-k{K}-s{SEED}"
+pre_log = read_metrics(RUN / "hyperpretrain" / "metrics.jsonl")
+print(f"{time.perf_counter() - t:.0f} s; trained model in {RUN}")
+if pre_log:
+    print(f"(a) hyperpretraining: loss {pre_log[0]['loss']:.3f} -> {pre_log[-1]['loss']:.3f} in {len(pre_log)} steps")
+print(f"(b) multi-task: {len(log)} steps; validation accuracy " + ", ".join(
+    f"{r['eval']:.2f} (step {r['step']})" for r in log if "eval" in r))
 
 # %%
 n = max(1, len(log) // 10)
@@ -206,14 +185,16 @@ plot_loss_curves({"hyperpretrain": pre_log, "multi-task": log}, smooth=min(10, n
 
 # %% [markdown]
 # ## Frozen means frozen
-# Every base tensor is compared bit for bit with the snapshot taken before training. The LoRA weights and
-# the gist embeddings, on the other hand, must have moved.
+# `train_hyper` wrapped a fresh copy of the base. Every base tensor of the trained model is compared bit for bit
+# with the untrained HyperLlama built above from another fresh copy: if training had touched the base, they would
+# differ. The LoRA weights and the gist embeddings, on the other hand, must have moved from where they started.
 
 # %%
+frozen_before = {n: p for n, p in start.base.named_parameters() if "lora_" not in n}
 after = dict(hyper.base.named_parameters())
 changed_base = [n for n, p in frozen_before.items() if not torch.equal(p, after[n])]
 now = hyper.trainable_state()
-moved = {n: float((now[n].detach() - p).abs().max()) for n, p in trainable_before.items()}
+moved = {n: float((now[n].detach() - p).abs().max()) for n, p in start.trainable_state().items()}
 print(f"base tensors compared: {len(frozen_before)}, changed: {len(changed_base)}")
 print(f"trainable tensors that moved: {sum(v > 0 for v in moved.values())} of {len(moved)}"
       f" (gist embeddings moved by up to {moved['gist_embeddings']:.3g})")
@@ -221,21 +202,28 @@ assert not changed_base, changed_base[:3]
 assert moved["gist_embeddings"] > 0
 RESULTS["base_frozen"] = not changed_base
 RESULTS["trainable_moved"] = sum(v > 0 for v in moved.values())
+del start
 
 # %% [markdown]
 # ## How good is it after this short run?
-# The same held-out episodes for the hypernetwork's prefixes, in-context learning and zero-shot. The
-# pocket course (`python -m gistlib course`) trains longer, with early stopping; lessons 5 and 6 use that model.
+# The same held-out test episodes (`b.source.test_episodes`, as the runner scores them) for the hypernetwork's
+# prefixes, in-context learning and zero-shot. The pocket course (`python -m gistlib run configs/pocket.json`)
+# trains longer; lessons 5 and 6 use that model.
 
 # %%
-test = fixed_episodes(select(suite["test"], cfg), TEST_EPISODES, cfg.queries_per_episode, seed=12345)
+from gistlib.course.runner import hyper_prefix_method
+from gistlib.train.evaluate import evaluate, icl, zero_shot
+
+ev = exp.eval
+test = b.source.test_episodes(ev.test_episodes, ev.queries_per_episode, ev.seed)
 hyper.eval()
 with torch.no_grad():
-    prefixes = hyper_prefixes(hyper, test, tok, FMT)
-    with hyper.downstream_mode():
+    method, _ = hyper_prefix_method(hyper, test, b)  # the prefixes: a hypernetwork pass (adapters on)
+    with hyper.downstream_mode():  # then the frozen base reads them (adapters off)
         acc = {"zero_shot": evaluate(zero_shot(hyper.base, tok, FMT), test, tok, FMT),
-               "icl": evaluate(icl(hyper.base, tok, FMT), test, tok, FMT),
-               "hyperllama": evaluate(with_prefixes("hyperllama", hyper.base, prefixes, tok, FMT), test, tok, FMT)}
+               "icl": evaluate(icl(hyper.base, tok, FMT, max_tokens=d.max_hyper_tokens + d.max_tokens), test, tok,
+                               FMT),
+               "hyperllama": evaluate(method, test, tok, FMT)}
 for name, r in acc.items():
     print(f"{name:<11} {r.accuracy:.3f} [{r.low:.3f}, {r.high:.3f}]")
 RESULTS["accuracy"] = {name: r.accuracy for name, r in acc.items()}

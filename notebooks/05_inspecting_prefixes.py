@@ -35,9 +35,12 @@
 # %% tags=["parameters"]
 TIER: str = "pocket"  # smoke | pocket (the llama2 tier is lesson 7)
 SEED: int = 0
-TASKS_PER_LEVEL: int = 0  # held-out tasks per level; 0: smoke 2, pocket 4
+TASKS_PER_LEVEL: int = 4  # held-out tasks per level
 EPISODES_PER_TASK: int = 3  # different demo sets of the same task
-RUN_DIR: str = "runs"
+# OVERRIDES: "section.field=value" strings applied on top of configs/TIER.json. The course's cached models were
+# trained with the config's values: an override of the fields that shaped them is refused (set run.cache_dir)
+OVERRIDES: list = []  # config changes (printed below with the values the lesson uses)
+RUN_DIR: str = "runs"  # models are cached under RUN_DIR/TIER (shared with `python -m gistlib run configs/TIER.json`)
 THREADS: int = 0  # torch threads (0: leave as is)
 RESULTS_PATH: str = "results/notebooks/05.json"
 
@@ -69,37 +72,35 @@ T0 = time.perf_counter()
 RESULTS: dict = {"tier": TIER}
 
 # %%
-# the tier's configuration, the pocket suite, its word-level tokenizer and the pretrained base
-from gistlib.course.pipeline import load_base, select, tier_config
-
-from gistlib.data import COMPACT as FMT
-from gistlib.data import load_pocket_suite, pocket_tokenizer
+# the tier's experiment (configs/TIER.json), its tokenizer, pocket tasks and the pretrained base
+from gistlib.course.experiment import load_experiment
+from gistlib.course.runner import load_bundle
 
 assert TIER in ("smoke", "pocket"), "this lesson runs in the smoke and pocket tiers; the llama2 tier is lesson 7"
-CACHE = ROOT / RUN_DIR / TIER  # trained models are cached here (`python -m gistlib course` fills it)
-cfg = tier_config(TIER, cache_dir=str(CACHE), out_dir=str(ROOT / "results" / TIER))
-suite = load_pocket_suite()
-tok = pocket_tokenizer(16)
+CACHE = ROOT / RUN_DIR / TIER  # trained models are cached here (`python -m gistlib run configs/TIER.json` fills it)
+exp = load_experiment(TIER, [f"run.cache_dir={CACHE}", *OVERRIDES])
 t = time.perf_counter()
-base, base_dir = load_base(cfg, suite, tok)  # trains the base if it is not cached (pocket: minutes)
-print(f"base from {base_dir} ({time.perf_counter() - t:.0f} s): {sum(p.numel() for p in base.parameters()):,} "
-      f"parameters, {base.config.num_hidden_layers} layers, vocabulary {len(tok)}")
+b = load_bundle(exp)  # trains the base into CACHE/base if there is none (pocket ships data/pocket_base)
+tok, FMT = b.tokenizer, b.fmt
+print(f"base from {b.base_dir} ({time.perf_counter() - t:.0f} s), vocabulary {len(tok)}")
 
 # %%
-from gistlib.course.pipeline import train_hyper
+from gistlib.course.runner import train_hyper
 
-K = cfg.num_gist_tokens
+K, SEED0 = exp.hyper.num_gist_tokens, exp.run.seeds[0]
+tr = exp.train
+print(f"the course's HyperLlama: k = {K}, seed {SEED0}, {tr.hyperpretrain_steps} + {tr.hyper_steps} steps "
+      f"(lr {tr.hyper_lr}); cached in {CACHE}")
 t = time.perf_counter()
-hyper, hyper_log = train_hyper(cfg, suite, tok, base_dir, K, cfg.seeds[0])  # the course's model (trained if missing)
+hyper, hyper_log = train_hyper(b, K, SEED0)  # the course's model (trained here if missing)
 hyper.eval()
-print(f"HyperLlama k={K}, seed {cfg.seeds[0]} ({time.perf_counter() - t:.0f} s; {len(hyper_log)} logged steps)")
+print(f"HyperLlama k={K}, seed {SEED0} ({time.perf_counter() - t:.0f} s; {len(hyper_log)} logged steps)")
 
 # %%
 from gistlib.data import EpisodeSampler
 from gistlib.train.evaluate import hyper_prefixes
 
-TASKS_PER_LEVEL = TASKS_PER_LEVEL or (2 if TIER == "smoke" else 4)
-test_tasks = select(suite["test"], cfg)
+test_tasks = b.source.test
 by_level = {}
 for t in test_tasks:
     by_level.setdefault(t.meta["level"], [])
@@ -112,7 +113,7 @@ episodes = [ep for i, t in enumerate(tasks)
 names = [f"{ep.task.split('-')[-1]}/{i % EPISODES_PER_TASK}" for i, ep in enumerate(episodes)]
 task_of = [ep.task for ep in episodes]
 level = [next(t.meta["level"] for t in tasks if t.name == ep.task) for ep in episodes]
-prefixes = hyper_prefixes(hyper, episodes, tok, FMT)
+prefixes = hyper_prefixes(hyper, episodes, tok, FMT, exp.data.max_hyper_tokens)
 print(f"{len(tasks)} tasks x {EPISODES_PER_TASK} demo sets -> prefixes (layers, B, kv heads, k, head dim) = "
       f"{tuple(prefixes.keys.shape)}")
 RESULTS["prefix_shape"] = list(prefixes.keys.shape)

@@ -35,10 +35,11 @@
 # %% tags=["parameters"]
 TIER: str = "pocket"  # smoke | pocket (the llama2 tier is lesson 7)
 SEED: int = 0
-PREFIX_EPISODES: int = 0  # held-out episodes tuned; 0: the tier's (smoke 6; pocket 120)
-BUDGETS: list = []  # prefix-tuning steps evaluated; []: the tier's (smoke [0, 2, 4]; pocket [0, 10, 25, 50, 100, 200])
-PREFIX_LR: float = 0.0  # Adam learning rate on the K/V; 0: the tier's (1e-2)
-RUN_DIR: str = "runs"
+# OVERRIDES: "section.field=value" strings applied on top of configs/TIER.json, e.g. ["methods.prefix_episodes=40",
+# "methods.prefix_budgets=[0,10,50]", "methods.prefix_lr=0.03"] (the methods section does not touch the course's
+# cached HyperLlama; an override of the fields that shaped it is refused: then set run.cache_dir too)
+OVERRIDES: list = []  # config changes (printed below with the values the lesson uses)
+RUN_DIR: str = "runs"  # models are cached under RUN_DIR/TIER (shared with `python -m gistlib run configs/TIER.json`)
 THREADS: int = 0  # torch threads (0: leave as is)
 RESULTS_PATH: str = "results/notebooks/06.json"
 
@@ -70,45 +71,43 @@ T0 = time.perf_counter()
 RESULTS: dict = {"tier": TIER}
 
 # %%
-# the tier's configuration, the pocket suite, its word-level tokenizer and the pretrained base
-from gistlib.course.pipeline import fixed_episodes, load_base, select, tier_config
-
-from gistlib.data import COMPACT as FMT
-from gistlib.data import load_pocket_suite, pocket_tokenizer
+# the tier's experiment (configs/TIER.json), its tokenizer, pocket tasks and the pretrained base
+from gistlib.course.experiment import load_experiment
+from gistlib.course.runner import load_bundle
 
 assert TIER in ("smoke", "pocket"), "this lesson runs in the smoke and pocket tiers; the llama2 tier is lesson 7"
-CACHE = ROOT / RUN_DIR / TIER  # trained models are cached here (`python -m gistlib course` fills it)
-cfg = tier_config(TIER, cache_dir=str(CACHE), out_dir=str(ROOT / "results" / TIER))
-suite = load_pocket_suite()
-tok = pocket_tokenizer(16)
+CACHE = ROOT / RUN_DIR / TIER  # trained models are cached here (`python -m gistlib run configs/TIER.json` fills it)
+exp = load_experiment(TIER, [f"run.cache_dir={CACHE}", *OVERRIDES])
 t = time.perf_counter()
-base, base_dir = load_base(cfg, suite, tok)  # trains the base if it is not cached (pocket: minutes)
-print(f"base from {base_dir} ({time.perf_counter() - t:.0f} s): {sum(p.numel() for p in base.parameters()):,} "
-      f"parameters, {base.config.num_hidden_layers} layers, vocabulary {len(tok)}")
+b = load_bundle(exp)  # trains the base into CACHE/base if there is none (pocket ships data/pocket_base)
+tok, FMT = b.tokenizer, b.fmt
+print(f"base from {b.base_dir} ({time.perf_counter() - t:.0f} s), vocabulary {len(tok)}")
 
 # %%
-from gistlib.course.pipeline import train_hyper
+from gistlib.course.runner import train_hyper
 
-K = cfg.num_gist_tokens
+K, SEED0 = exp.hyper.num_gist_tokens, exp.run.seeds[0]
+tr = exp.train
+print(f"the course's HyperLlama: k = {K}, seed {SEED0}, {tr.hyperpretrain_steps} + {tr.hyper_steps} steps "
+      f"(lr {tr.hyper_lr}); cached in {CACHE}")
 t = time.perf_counter()
-hyper, hyper_log = train_hyper(cfg, suite, tok, base_dir, K, cfg.seeds[0])  # the course's model (trained if missing)
+hyper, hyper_log = train_hyper(b, K, SEED0)  # the course's model (trained here if missing)
 hyper.eval()
-print(f"HyperLlama k={K}, seed {cfg.seeds[0]} ({time.perf_counter() - t:.0f} s; {len(hyper_log)} logged steps)")
+print(f"HyperLlama k={K}, seed {SEED0} ({time.perf_counter() - t:.0f} s; {len(hyper_log)} logged steps)")
 
 # %%
-from gistlib.course.pipeline import prefix_ladder
-
+from gistlib.course.runner import prefix_ladder
 from gistlib.train.evaluate import hyper_prefixes
 
-overrides = {"prefix_episodes": PREFIX_EPISODES or cfg.prefix_episodes,
-             "prefix_budgets": tuple(BUDGETS or cfg.prefix_budgets), "prefix_lr": PREFIX_LR or cfg.prefix_lr}
-ladder_cfg = tier_config(TIER, cache_dir=cfg.cache_dir, **overrides)
-episodes = fixed_episodes(select(suite["test"], cfg), ladder_cfg.prefix_episodes, cfg.queries_per_episode, seed=12345)
+m, ev = exp.methods, exp.eval
+print(f"prefix tuning: the first {m.prefix_episodes} of {ev.test_episodes} test episodes, "
+      f"starts {list(m.prefix_starts)}, budgets {list(m.prefix_budgets)} steps, Adam lr {m.prefix_lr}")
+episodes = b.source.test_episodes(ev.test_episodes, ev.queries_per_episode, ev.seed)[: m.prefix_episodes]
 with torch.no_grad():
-    start = hyper_prefixes(hyper, episodes, tok, FMT)
+    start = hyper_prefixes(hyper, episodes, tok, FMT, exp.data.max_hyper_tokens)  # the hyperllama start
 t = time.perf_counter()
-ladder = prefix_ladder(ladder_cfg, hyper, start, episodes, tok)
-print(f"{len(episodes)} episodes x 3 starts x {max(ladder_cfg.prefix_budgets)} steps "
+ladder = prefix_ladder(b, hyper, start, episodes)
+print(f"{len(episodes)} episodes x {len(ladder)} starts x {max(m.prefix_budgets)} steps "
       f"in {time.perf_counter() - t:.0f} s")
 
 # %%
@@ -170,7 +169,8 @@ elif agrees is False:
     lines.append("- **This does not reproduce the paper's finding** in this run; look at the hypernetwork's "
                  "own accuracy (lesson 4) first: an untrained or weak hypernetwork gives no head start.")
 else:
-    lines.append("- **Inconclusive**: more episodes (PREFIX_EPISODES) would narrow the intervals.")
+    lines.append("- **Inconclusive**: more episodes (`methods.prefix_episodes` in OVERRIDES) would narrow the "
+                 "intervals.")
 if TIER == "smoke":
     lines.append("- *Smoke tier: the models are a few steps from random, "
                  "so these numbers test the code, not the claim.*")

@@ -28,18 +28,22 @@
 #
 # Goal: run the same HyperLlama code on a real checkpoint. Llama-2-7B in 4-bit NF4 (double quantisation,
 # bfloat16 compute) with LoRA, gradient checkpointing and the two-phase backward fits one 16-24 GB GPU.
-# First the memory planner says what fits where; then `gistlib.course.recipes` trains and evaluates on real data
-# (P3, Super-NaturalInstructions or Symbol Tuning). **In the smoke and pocket tiers this notebook runs the
-# identical code on a tiny random Llama quantised to 4-bit on the CPU** (bitsandbytes runs 4-bit on a CPU):
+# First the memory planner says what fits where; then the course's experiment runner (`run_experiment`, what
+# `python -m gistlib run configs/symbol.json` calls) trains and evaluates every method on real data (P3,
+# Super-NaturalInstructions or Symbol Tuning: configs/p3.json, sni.json, symbol.json). **In the smoke and pocket
+# tiers this notebook runs the identical code on a tiny random Llama quantised to 4-bit on the CPU**
+# (`tiny_experiment`, as `python -m gistlib run configs/symbol.json --tiny`; bitsandbytes runs 4-bit on a CPU):
 # the numbers then test the plumbing, not the method. Set `TIER = "llama2"` on a GPU for the real run.
 
 # %% tags=["parameters"]
 TIER: str = "pocket"  # smoke | pocket: a tiny 4-bit model on the CPU; llama2: MODEL on a GPU
 SEED: int = 0
 MODEL: str = "meta-llama/Llama-2-7b-hf"  # llama2 tier: any Llama-architecture checkpoint (name or folder)
-RECIPE: str = "symbol"  # p3 | sni | symbol (gistlib.course.recipes)
-STEPS: int = 0  # training steps; 0: llama2 the recipe's (5000), pocket 40, smoke the tiny recipe's (3)
-RUN_DIR: str = "runs"
+RECIPE: str = "symbol"  # p3 | sni | symbol: the real-data config configs/RECIPE.json
+# OVERRIDES: "section.field=value" strings applied last (smoke/pocket: to the tiny experiment),
+# e.g. ["train.hyper_steps=100", "methods.enabled=[\"zero_shot\",\"icl\",\"hyperllama\"]"]
+OVERRIDES: list = []  # config changes (printed below with the values the lesson uses)
+RUN_DIR: str = "runs"  # models and results under RUN_DIR/TIER/lesson07-RECIPE
 THREADS: int = 0  # torch threads (0: leave as is)
 RESULTS_PATH: str = "results/notebooks/07.json"
 
@@ -87,50 +91,45 @@ RESULTS["llama2_7b_nf4_estimate_gib"] = round(est.gib()["total"], 2)
 print({k: round(v, 2) for k, v in est.gib().items()})
 
 # %% [markdown]
-# ## The model
+# ## The experiment and the model
 # In the llama2 tier the checkpoint is `MODEL` (gated on the Hub: accept the licence and log in first);
-# otherwise a tiny random Llama with a tokenizer trained on the recipe's texts is written to disk and loaded
-# through exactly the same `load_llama(path, quantization="nf4")`.
+# otherwise `tiny_experiment` shrinks the recipe: a tiny random Llama with a tokenizer trained on the recipe's
+# texts is written to disk and loaded through exactly the same `load_llama(path, quantization="nf4")`, with a
+# few steps, examples and episodes per method.
 
 # %%
-from dataclasses import replace
-
-from gistlib.course.recipes import (
-    build_tiny_checkpoint,
-    format_result,
-    get_recipe,
-    load_recipe_tasks,
-    run_recipe,
-    task_texts,
-    tiny_recipe,
-)
+from gistlib.config import apply_overrides
+from gistlib.course.experiment import SECTIONS, experiment_from_dict, load_experiment, tiny_experiment
+from gistlib.course.runner import load_bundle
 
 OUT = ROOT / RUN_DIR / TIER / f"lesson07-{RECIPE}"
-recipe = get_recipe(RECIPE)
+where = [f"run.cache_dir={OUT / 'models'}", f"run.out_dir={OUT / 'results'}"]
 if TIER == "llama2":
     if not torch.cuda.is_available():
         raise RuntimeError("the llama2 tier needs a CUDA GPU; run this notebook with TIER='pocket' on a CPU")
-    recipe = replace(recipe, model=MODEL)
+    exp = load_experiment(RECIPE, [*where, f"model.path={MODEL}", *OVERRIDES])
 else:
     print("smoke/pocket tier: a TINY RANDOM Llama in 4-bit on the CPU stands in for Llama-2 (same code path)")
-    recipe = tiny_recipe(recipe, str(OUT / "tiny_model"), str(OUT))
-    texts = task_texts(load_recipe_tasks(recipe, "train") + load_recipe_tasks(recipe, "eval"))
-    build_tiny_checkpoint(texts, OUT / "tiny_model", recipe.hyper.num_gist_tokens, seed=SEED)
-STEPS = STEPS or (40 if TIER == "pocket" else 0)
-if STEPS:
-    train_cfg = replace(recipe.train, steps=STEPS, warmup_steps=min(recipe.train.warmup_steps, STEPS))
-    recipe = replace(recipe, train=train_cfg)
-print(f"recipe {recipe.name}: model {recipe.model}, quantization {recipe.quantization}, "
-      f"k={recipe.hyper.num_gist_tokens}, {recipe.train.steps} steps")
+    exp = tiny_experiment(load_experiment(RECIPE, where))
+    # the pocket tier trains the tiny HyperLlama 40 steps instead of tiny_experiment's 2 (the smoke tier keeps 2)
+    lesson = ["train.hyper_steps=40"] if TIER == "pocket" else []
+    exp = experiment_from_dict(apply_overrides(exp.to_dict(), [*lesson, *OVERRIDES], SECTIONS))
+m, tr = exp.model, exp.train
+print(f"{exp.run.name}: model {m.source} {m.path if m.source == 'checkpoint' else '(tiny)'}, quantization "
+      f"{m.quantization or 'none'}, k={exp.hyper.num_gist_tokens}, LoRA rank {exp.hyper.lora_rank}")
+print(f"HyperLlama {tr.hyperpretrain_steps} + {tr.hyper_steps} steps (lr {tr.hyper_lr}); gisting {tr.gisting_steps}, "
+      f"multitask ICL {tr.multitask_steps} steps; methods {list(exp.methods.enabled)}; seeds {list(exp.run.seeds)}")
+t = time.perf_counter()
+b = load_bundle(exp)  # tokenizer, the data family's Source (tiny: also builds the tiny checkpoint)
+print(f"{len(b.source.train)} training tasks, {len(b.source.test)} test tasks; model folder {b.base_dir} "
+      f"({time.perf_counter() - t:.0f} s)")
 
 # %%
-from gistlib.models.loading import load_llama
-
-if TIER != "llama2":  # look inside the 4-bit model before training (a 7B model is loaded once, by the recipe)
+if TIER != "llama2":  # look inside the 4-bit model before training (a 7B model is loaded by the runner)
     import bitsandbytes as bnb
 
-    small = load_llama(recipe.model, quantization="nf4")
-    four_bit = [m for m in small.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    small = b.fresh_base()  # load_llama(path, quantization="nf4")
+    four_bit = [mod for mod in small.modules() if isinstance(mod, bnb.nn.Linear4bit)]
     q = four_bit[0].weight.quant_state
     print(f"{len(four_bit)} Linear4bit layers; quant type {q.quant_type}, compute dtype {four_bit[0].compute_dtype}, "
           f"double quantisation {getattr(q, 'nested', None)}; footprint {small.get_memory_footprint() / 2**20:.2f} MiB")
@@ -140,36 +139,76 @@ if TIER != "llama2":  # look inside the 4-bit model before training (a 7B model 
     del small
 
 # %% [markdown]
-# ## Train and evaluate
-# `run_recipe` loads the model with `load_llama`, wraps it as a HyperLlama (LoRA, gist table), trains with
-# `gistlib.train.loop.train` (checkpoints, resume) and evaluates on held-out tasks. `check_frozen` compares every
-# base tensor, the quantised ones included, before and after (cheap for the tiny model only).
+# ## Train and evaluate every method
+# `run_experiment` scores zero-shot and in-context learning on the frozen base, trains Gisting, HyperLlama (once
+# per seed) and the multi-task ICL baseline, tunes prefixes from random, vocabulary and HyperLlama starts, and
+# scores them all on the same test episodes (`gistlib.train.loop.train` trains; checkpoints and settings are
+# cached under `run.cache_dir`). It writes summary.json and results.md to `run.out_dir` and returns the summary.
 
 # %%
+from gistlib.course.report import results_table
+from gistlib.course.runner import run_experiment
+
 if DEVICE == "cuda":
     torch.cuda.reset_peak_memory_stats()
 t = time.perf_counter()
-result = run_recipe(recipe, OUT, check_frozen=TIER != "llama2", resume=False)
-print(format_result(result))
-print(f"{time.perf_counter() - t:.0f} s")
+summary = run_experiment(exp, b)
+print(results_table(summary))
+print(f"{time.perf_counter() - t:.0f} s; summary.json and results.md in {exp.run.out_dir}")
 if DEVICE == "cuda":
     RESULTS["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
     print(f"peak GPU memory {RESULTS['peak_gpu_gib']:.2f} GiB "
           f"(planner estimate for 7B: {RESULTS['llama2_7b_nf4_estimate_gib']} GiB)")
-RESULTS["final_loss"] = result["final_loss"]
-RESULTS["base_frozen"] = result["base_frozen"]
-RESULTS["eval_metric"], RESULTS["eval_mean"] = result["eval"]["metric"], result["eval"]["mean"]
-RESULTS["steps"] = len(result["train"])
+methods = summary["methods"]
+RESULTS["accuracy"] = {name: e["accuracy"] for name, e in methods.items()}
+RESULTS["rouge_l"] = {name: e["rouge_l"] for name, e in methods.items() if "rouge_l" in e}
+RESULTS["prefix_tuning"] = {name: {steps: e["accuracy"] for steps, e in per.items()}
+                            for name, per in summary["prefix_tuning"].items()}
+main = methods["hyperllama"]
+RESULTS["eval_metric"] = "rouge_l" if "rouge_l" in main else "accuracy"
+RESULTS["eval_mean"] = 100 * main[RESULTS["eval_metric"]]  # HyperLlama's score, in percent
+hyper_log = summary["logs"][f"hyperllama_seed{exp.run.seeds[0]}"]
+RESULTS["final_loss"] = hyper_log[-1]["loss"]
+RESULTS["steps"] = len(hyper_log)
+print(f"HyperLlama: {RESULTS['eval_metric']} {RESULTS['eval_mean']:.1f}%, final loss {RESULTS['final_loss']:.3f} "
+      f"after {RESULTS['steps']} steps")
+
+# %% [markdown]
+# ## Was the 4-bit base left alone?
+# The runner cached the trained HyperLlama; `train_hyper` loads it back (no training). Every base tensor, the
+# quantised ones included, is compared with an untrained HyperLlama over a fresh copy of the base (cheap for the
+# tiny model only).
+
+# %%
+from dataclasses import replace
+
+from gistlib.core.hyper import HyperLlama
+from gistlib.course.runner import train_hyper
+
+if TIER != "llama2":
+    k, seed = exp.hyper.num_gist_tokens, exp.run.seeds[0]
+    hyper, _ = train_hyper(b, k, seed)  # cached by run_experiment: loaded, not trained
+    untrained = HyperLlama(b.fresh_base(), b.gist_ids(k), replace(exp.hyper, num_gist_tokens=k, seed=seed))
+    fresh = {n: p for n, p in untrained.base.named_parameters() if "lora_" not in n}
+    trained = dict(hyper.base.named_parameters())
+    changed = [n for n, p in fresh.items() if not torch.equal(p.data, trained[n].data)]
+    print(f"base tensors compared: {len(fresh)}, changed: {len(changed)}")
+    RESULTS["base_frozen"] = not changed
+    del hyper, untrained
+else:
+    RESULTS["base_frozen"] = None  # not checked on a 7B model (a second copy would not fit)
 
 # %%
 from gistlib.course.viz import plot_loss_curves
 
-plot_loss_curves({recipe.name: result["train"]}, title=f"{recipe.name} recipe, {Path(recipe.model).name}")
+plot_loss_curves({name: log for name, log in summary["logs"].items() if log},
+                 title=f"{exp.run.name}: training loss, {Path(str(b.base_dir)).name}")
 
 # %% [markdown]
 # **Take-away.** Nothing in the HyperLlama code knows whether the base is a 1M-parameter toy or a 4-bit
 # 7B model: the tiers differ in the checkpoint and the sizes. On a GPU, `TIER="llama2"` trains the real thing
-# for hours; `python -m gistlib.models.memory` prints the planner for other settings.
+# for hours (`python -m gistlib run configs/symbol.json`); `python -m gistlib.models.memory` prints the planner for
+# other settings.
 
 # %%
 # the key numbers, machine-readable (tests/test_notebooks.py asserts them)

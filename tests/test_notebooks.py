@@ -20,7 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 NB_DIR = ROOT / "notebooks"
 NOTEBOOKS = sorted(NB_DIR.glob("0*.ipynb"))
 SCRIPTS = sorted(NB_DIR.glob("0*.py"))  # the jupytext pairs of NOTEBOOKS
-NEEDS_SHARED_DATA = {"07_llama2_4bit"}  # its recipe reads SST-2/TREC/CB/RTE from ../shared/data
+NEEDS_SHARED_DATA = {"07_llama2_4bit"}  # its config (configs/symbol.json) reads SST-2/TREC/CB/RTE from ../shared/data
+# a lesson's own knobs (not in configs/) set smaller for the smoke run; tier values come from configs/smoke.json
+SMOKE_PARAMETERS = {"05_inspecting_prefixes": {"TASKS_PER_LEVEL": 2}}
 THREAD_ENV = {
     "OMP_NUM_THREADS": "1",
     "MKL_NUM_THREADS": "1",
@@ -113,6 +115,15 @@ def run_notebook(path: Path, out_dir: Path, **parameters) -> dict:
     return json.loads(results.read_text())
 
 
+@pytest.mark.parametrize("path", NOTEBOOKS[1:], ids=lambda p: p.stem)
+def test_tier_values_come_from_the_config(path):
+    """Lessons 2-7 take the tier's values from configs/ (changed through OVERRIDES), not from 0 placeholders."""
+    names = parameter_names(path)
+    assert {"TIER", "SEED", "THREADS", "OVERRIDES", "RESULTS_PATH"} <= names
+    cell = next(c for c in nbformat.read(path, as_version=4).cells if "parameters" in c.metadata.get("tags", []))
+    assert "0: the tier" not in cell.source and "[]: the tier" not in cell.source
+
+
 def test_unknown_parameter_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="NO_SUCH_PARAMETER"):
         run_notebook(NOTEBOOKS[0], tmp_path, TIER="smoke", NO_SUCH_PARAMETER=1)
@@ -131,7 +142,7 @@ def smoke_runs(tmp_path_factory):
         if path.stem in NEEDS_SHARED_DATA and not shared_data_dir().exists():
             results[path.stem] = pytest.skip.Exception(f"{shared_data_dir()} is absent (real datasets for the recipe)")
             continue
-        params = {"TIER": "smoke", "THREADS": 1}
+        params = {"TIER": "smoke", "THREADS": 1, **SMOKE_PARAMETERS.get(path.stem, {})}
         if "RUN_DIR" in parameter_names(path):
             params["RUN_DIR"] = str(out / "runs")
         try:
@@ -216,3 +227,6 @@ def test_07_llama2_4bit(smoke_runs):
     assert r["base_frozen"] is True and math.isfinite(r["final_loss"]) and r["steps"] >= 1
     assert 5 < r["llama2_7b_nf4_estimate_gib"] < 24
     assert 0.0 <= r["eval_mean"] <= 100.0
+    assert set(r["accuracy"]) == {"zero_shot", "icl", "multitask_icl", "gisting", "hyperllama"}  # every method
+    assert set(r["prefix_tuning"]) == {f"prefix_tuning_{s}" for s in ("random", "vocab", "hyperllama")}
+    assert all(0.0 <= a <= 1.0 for a in r["accuracy"].values())
