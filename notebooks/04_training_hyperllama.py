@@ -46,28 +46,13 @@ RESULTS_PATH: str = "results/notebooks/04.json"
 # versions and device
 # %matplotlib inline
 import json
-import platform
 import time
-from pathlib import Path
 
-import matplotlib
-import peft
 import torch
-import transformers
 
-import gistlib
+from gistlib.course.lesson import begin
 
-ROOT = Path(list(gistlib.__path__)[0]).resolve().parent  # the repository: relative paths below start here
-if THREADS:
-    torch.set_num_threads(THREADS)
-torch.manual_seed(SEED)
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-print(f"python {platform.python_version()} | torch {torch.__version__} | transformers {transformers.__version__} "
-      f"| peft {peft.__version__} | matplotlib {matplotlib.__version__}")
-print(f"device {DEVICE}" + (f" ({torch.cuda.get_device_name(0)})" if DEVICE == "cuda" else "")
-      + f" | torch threads {torch.get_num_threads()} | tier {TIER}")
-T0 = time.perf_counter()
-RESULTS: dict = {"tier": TIER}
+ROOT, DEVICE, T0, RESULTS = begin(TIER, SEED, THREADS)  # the repository root, "cuda" or "cpu", the start time
 
 # %%
 # the tier's experiment (configs/TIER.json) with this lesson's budget, its tokenizer, pocket tasks and the base
