@@ -11,14 +11,12 @@ text, outputs the class name, family "classification".
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from .episodes import Example, Task
-from .files import DataError, LoadReport, decode_text, handle, shared_data_dir
+from .files import DataError, LoadReport, decode_text, handle, read_csv_rows, shared_data_dir
 
 __all__ = ["read_classes", "read_csv_classification", "read_ag_news"]
 
@@ -56,20 +54,9 @@ def read_csv_classification(
     path = Path(path)
     name = name or path.parent.name
     labels = read_classes(classes) if isinstance(classes, (str, os.PathLike)) else list(classes)
-    reader = csv.reader(io.StringIO(decode_text(path.read_bytes(), path, task=name), newline=""))
-    examples, end, first = [], 0, True
-    while True:
-        start = end + 1
-        try:
-            row = next(reader, None)
-        except csv.Error as e:
-            raise DataError(f"CSV does not parse ({e})", file=path, line=start, task=name, reason="bad_csv") from e
-        end = reader.line_num
-        if row is None:
-            break
-        if not row or (header and first):
-            first = first and not row
-            continue
+    records = read_csv_rows(path, name)
+    examples = []
+    for start, row in records[1:] if header else records:
         try:
             examples.append(_example(row, labels, label_column, text_columns, path, start, name))
         except DataError as e:

@@ -13,6 +13,8 @@ Bytes that are not UTF-8, a field of the wrong type and an empty input or output
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
 import os
@@ -116,6 +118,24 @@ def decode_text(data: bytes, path, task: str | None = None) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise _utf8_error(data, e, path, task) from None
+
+
+def read_csv_rows(path: str | os.PathLike, task: str | None = None) -> list[tuple[int, list[str]]]:
+    """(line where the record starts, fields) for every non-blank record of a CSV file (quoted newlines kept
+    inside their record); a decoding or parse error is a DataError with the file and that line."""
+    reader = csv.reader(io.StringIO(decode_text(Path(path).read_bytes(), path, task=task), newline=""))
+    out, end = [], 0
+    while True:
+        start = end + 1
+        try:
+            fields = next(reader, None)
+        except csv.Error as e:
+            raise DataError(f"CSV does not parse ({e})", file=path, line=start, task=task, reason="bad_csv") from e
+        end = reader.line_num
+        if fields is None:
+            return out
+        if fields:  # blank lines carry no record
+            out.append((start, fields))
 
 
 def read_jsonl(

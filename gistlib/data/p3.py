@@ -15,8 +15,6 @@ row and task.
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 import random
 from collections import Counter
@@ -28,7 +26,7 @@ import jinja2.sandbox
 import yaml
 
 from .episodes import Example, Task
-from .files import DataError, LoadReport, decode_text, handle, read_jsonl, shared_data_dir
+from .files import DataError, LoadReport, handle, read_csv_rows, read_jsonl, shared_data_dir
 
 # ----------------------------------------------------------------------------- templates
 
@@ -235,29 +233,18 @@ def read_raw_rows(
 def read_csv_records(path: str | os.PathLike, task: str | None = None) -> list[tuple[str, int, dict]]:
     """(file, line, row) for each record of a CSV with a header, rows as `csv.DictReader` gives them
     (short rows padded with None, extra fields under the key None); `line` is the record's first line."""
-    text = decode_text(Path(path).read_bytes(), path, task=task)
-    reader = csv.reader(io.StringIO(text, newline=""))
-    out, header, end = [], None, 0
-    while True:
-        start = end + 1
-        try:
-            fields = next(reader, None)
-        except csv.Error as e:
-            raise DataError(f"CSV does not parse ({e})", file=path, line=start, task=task, reason="bad_csv") from e
-        end = reader.line_num
-        if fields is None:
-            return out
-        if not fields:  # blank line (DictReader skips these too)
-            continue
-        if header is None:
-            header = fields
-            continue
+    records = read_csv_rows(path, task)
+    if not records:
+        return []
+    (_, header), out = records[0], []
+    for start, fields in records[1:]:
         row: dict = dict(zip(header, fields))
         if len(fields) > len(header):
             row[None] = fields[len(header) :]
         for key in header[len(fields) :]:
             row[key] = None
         out.append((str(path), start, row))
+    return out
 
 
 # ----------------------------------------------------------------------------- tasks
