@@ -168,6 +168,12 @@ def _split_rules(rules: list, rng: random.Random) -> dict[str, list]:
     }
 
 
+def _add_generation_task(tasks: list[Task], family: str, split: str, examples, level: str, length: int, rule: str):
+    """Append a generation task of the pocket suite, named by family, split and position."""
+    meta = {"level": level, "num_demos": GENERATION_DEMOS, "rule_length": length, "rule": rule}
+    tasks.append(Task(f"pocket-{family}-{split}-{len(tasks):05d}", examples, family=family, meta=meta))
+
+
 def _transform_tasks(rng: random.Random) -> dict[str, list[Task]]:
     by_level: dict[int, list] = {}
     for rule, length in transform_rules():
@@ -181,20 +187,7 @@ def _transform_tasks(rng: random.Random) -> dict[str, list[Task]]:
                     inputs.add(tuple(rng.choice(LETTERS) for _ in range(TRANSFORM_LENGTH)))
                 examples = [Example(" ".join(x), " ".join(apply_transform(rule, list(x)))) for x in sorted(inputs)]
                 rng.shuffle(examples)
-                idx = len(out[split])
-                out[split].append(
-                    Task(
-                        f"pocket-transform-{split}-{idx:05d}",
-                        examples,
-                        family="transform",
-                        meta={
-                            "level": f"L{length}",
-                            "num_demos": GENERATION_DEMOS,
-                            "rule_length": length,
-                            "rule": ",".join(rule),
-                        },
-                    )
-                )
+                _add_generation_task(out[split], "transform", split, examples, f"L{length}", length, ",".join(rule))
     return out
 
 
@@ -214,20 +207,7 @@ def _arith_tasks(rng: random.Random) -> dict[str, list[Task]]:
             for a, c in chosen:
                 xs = rng.sample(range(100), EXAMPLES_PER_GENERATION_TASK)
                 examples = [Example(number_words(x), number_words((a * x + c) % 100)) for x in xs]
-                idx = len(out[split])
-                out[split].append(
-                    Task(
-                        f"pocket-arith-{split}-{idx:05d}",
-                        examples,
-                        family="arith",
-                        meta={
-                            "level": f"L{level}",
-                            "num_demos": GENERATION_DEMOS,
-                            "rule_length": level,
-                            "rule": f"y=({a}x+{c})%100",
-                        },
-                    )
-                )
+                _add_generation_task(out[split], "arith", split, examples, f"L{level}", level, f"y=({a}x+{c})%100")
     return out
 
 

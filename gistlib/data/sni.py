@@ -144,24 +144,11 @@ def load_sni_task(
             inp = require_text(inst, "input", empty="empty_input", **kw)
             refs = require(inst, "output", **kw)
             refs = [refs] if isinstance(refs, str) else refs
+            where = {"file": path, "line": kw["line"], "field": f"Instances[{i}].output", "task": name}
             if not isinstance(refs, list) or not refs or not all(isinstance(r, str) for r in refs):
-                raise DataError(
-                    "output must be a non-empty list of strings",
-                    file=path,
-                    line=kw["line"],
-                    field=f"Instances[{i}].output",
-                    task=name,
-                    reason="wrong_type",
-                )
+                raise DataError("output must be a non-empty list of strings", **where, reason="wrong_type")
             if not refs[0].strip():
-                raise DataError(
-                    "is empty (the model would learn to answer nothing)",
-                    file=path,
-                    line=kw["line"],
-                    field=f"Instances[{i}].output",
-                    task=name,
-                    reason="empty_output",
-                )
+                raise DataError("is empty (the model would learn to answer nothing)", **where, reason="empty_output")
         except DataError as e:
             handle(e, report)
             continue

@@ -69,41 +69,44 @@ def _classification_dir(root) -> Path:
     return Path(root) if root is not None else shared_data_dir() / "classification"
 
 
+def _labelled_lines(path: Path, task: str, text: str, parse, expected: str, report: LoadReport | None) -> Task:
+    """One example per non-blank line, `parse(line) -> (input, output)` or None for a bad line (DataError with
+    the file and line, or counted in `report`)."""
+    examples = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        parsed = parse(line)
+        if parsed is None:
+            handle(DataError(f"expected {expected!r}, got {line[:40]!r}", file=path, line=lineno, task=task), report)
+            continue
+        examples.append(Example(*parsed))
+    return _finish(Task(task, examples, family="classification"), report)
+
+
 def read_sst2(split: str = "train", root: str | os.PathLike | None = None, report: LoadReport | None = None) -> Task:
     """SST-2 lines `<0/1> <sentence>` -> Task 'sst2' with outputs 'negative'/'positive'."""
     path = _classification_dir(root) / "sst2" / f"stsa.binary.{split}"
-    examples = []
-    for lineno, line in enumerate(decode_text(path.read_bytes(), path, task="sst2").splitlines(), start=1):
-        if not line.strip():
-            continue
+
+    def parse(line: str):
         label, _, text = line.partition(" ")
-        if label not in SST2_LABELS or not text.strip():
-            handle(
-                DataError(f"expected '<0/1> <sentence>', got {line[:40]!r}", file=path, line=lineno, task="sst2"),
-                report,
-            )
-            continue
-        examples.append(Example(text.strip(), SST2_LABELS[label]))
-    return _finish(Task("sst2", examples, family="classification"), report)
+        return (text.strip(), SST2_LABELS[label]) if label in SST2_LABELS and text.strip() else None
+
+    text = decode_text(path.read_bytes(), path, task="sst2")
+    return _labelled_lines(path, "sst2", text, parse, "<0/1> <sentence>", report)
 
 
 def read_trec(split: str = "train", root: str | os.PathLike | None = None, report: LoadReport | None = None) -> Task:
     """TREC lines `COARSE:fine question` -> Task 'trec' with the 6 coarse classes as words."""
     path = _classification_dir(root) / "trec" / f"{split}.txt"
-    examples = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
-        if not line.strip():
-            continue
+
+    def parse(line: str):
         label, _, text = line.partition(" ")
         coarse = label.split(":")[0]
-        if coarse not in TREC_LABELS or not text.strip():
-            handle(
-                DataError(f"expected 'COARSE:fine question', got {line[:40]!r}", file=path, line=lineno, task="trec"),
-                report,
-            )
-            continue
-        examples.append(Example(text.strip(), TREC_LABELS[coarse]))
-    return _finish(Task("trec", examples, family="classification"), report)
+        return (text.strip(), TREC_LABELS[coarse]) if coarse in TREC_LABELS and text.strip() else None
+
+    text = path.read_text(encoding="utf-8", errors="replace")
+    return _labelled_lines(path, "trec", text, parse, "COARSE:fine question", report)
 
 
 def read_nli_jsonl(path: str | os.PathLike, name: str, report: LoadReport | None = None) -> Task:
