@@ -98,20 +98,19 @@ def choice_ids(query: Example, tokenizer, fmt: RenderFormat = VERBOSE) -> list[l
 
 
 def fit_demos(demos: Sequence[Example], tokenizer, fmt: RenderFormat, budget: int, task: str) -> list[list[int]]:
-    """Token ids of the demos that fit in `budget` tokens: in order, stopping at the first that overflows.
+    """Token ids of the demos that fit in `budget` tokens, in order: a demo that would overflow is left out and
+    the later ones that still fit are kept (a long demo does not cost the short ones after it).
 
-    If there are demos but not even the first fits, raise ValueError naming the task."""
+    If there are demos but none fits, raise ValueError naming the task."""
     kept, used = [], 0
-    for i, d in enumerate(demos):
+    for d in demos:
         ids = demo_ids(d, tokenizer, fmt)
-        if used + len(ids) > budget:
-            if i == 0:
-                raise ValueError(
-                    f"task {task!r}: demo 0 needs {len(ids)} tokens but only {budget} are left in the budget"
-                )
-            break
-        kept.append(ids)
-        used += len(ids)
+        if used + len(ids) <= budget:
+            kept.append(ids)
+            used += len(ids)
+    if demos and not kept:
+        shortest = min(len(demo_ids(d, tokenizer, fmt)) for d in demos)
+        raise ValueError(f"task {task!r}: no demo fits: the shortest needs {shortest} tokens, {budget} are left")
     return kept
 
 
