@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from gistlib.config import to_json
 from gistlib.core.hyper import HyperLlama
 from gistlib.core.lm import LMTrainee
-from gistlib.data import Task, pocket_tokenizer
+from gistlib.data import pocket_tokenizer
 from gistlib.data.batches import gisting_batches, hyper_batches, hyperpretrain_batches, icl_batches
 from gistlib.data.render import render_hyper_input
 from gistlib.data.sources import Source, load_tasks, make_source, task_texts
@@ -72,8 +72,11 @@ class Bundle:
     base_dir: Path  # pocket: the base folder; checkpoint / tiny: the checkpoint folder or hub id
     gist_pool: list[int]  # the gist token ids (the first k are used for k gist tokens)
 
-    def fresh_base(self):
-        """A new copy of the frozen base in evaluation mode (each trained method starts from its own)."""
+    def fresh_base(self, embed_gist_tokens: bool = False):
+        """A new copy of the frozen base in evaluation mode (each trained method starts from its own).
+
+        embed_gist_tokens: grow the vocabulary embedding to hold the gist tokens where they lie outside it (Gisting
+        reads them as ordinary tokens; every other method leaves the vocabulary, and so its softmax, as it is)."""
         m = self.exp.model
         if m.source == "pocket":
             from transformers import LlamaForCausalLM
@@ -87,7 +90,7 @@ class Bundle:
             dtype=getattr(torch, m.dtype),
             gradient_checkpointing=m.gradient_checkpointing,
         )
-        if max(self.gist_pool) >= model.get_input_embeddings().weight.shape[0]:  # Gisting embeds its gist tokens
+        if embed_gist_tokens and max(self.gist_pool) >= model.get_input_embeddings().weight.shape[0]:
             model.resize_token_embeddings(len(self.tokenizer), mean_resizing=True)
         return model.eval()
 
@@ -390,7 +393,7 @@ def _lm_trainee(b: Bundle, run: Path, settings: dict, mask: str, lora_rank: int,
     """A fresh base as an LMTrainee (loaded from run/final if cached); True if it still has to be trained."""
     check_run_settings(run, settings, b.exp.run.retrain)
     trainee = LMTrainee(
-        b.fresh_base(), mask=mask, gist_token_ids=b.gist_ids(k) if k else None,
+        b.fresh_base(embed_gist_tokens=mask == "gist"), mask=mask, gist_token_ids=b.gist_ids(k) if k else None,
         lora_rank=lora_rank, lora_alpha=b.exp.hyper.lora_alpha,
     )  # fmt: skip
     cached = (run / "final" / "model.safetensors").exists() or (run / "final" / "adapter_model.safetensors").exists()
@@ -640,9 +643,3 @@ def run_experiment(exp: Experiment, bundle: Bundle | None = None) -> dict:
     }  # fmt: skip
     write_report(summary, out)
     return summary
-
-
-def selected_tasks(tasks: list[Task], exp: Experiment) -> list[Task]:
-    """Pocket tasks of the configured families and levels (what a lesson shows of the suite)."""
-    d = exp.data
-    return [t for t in tasks if t.family in d.train_tasks and (not d.levels or t.meta.get("level") in d.levels)]
