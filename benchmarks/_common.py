@@ -23,6 +23,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "results" / "benchmarks"
+BENCH = REPO / "results" / "bench"  # the gist-vs-prompt-cache and thread benchmarks (issue 16)
 
 # The pocket model of DESIGN 5b (about 1M parameters); random weights are fine for timing.
 POCKET = {"hidden_size": 128, "num_layers": 4, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 512}
@@ -134,9 +135,24 @@ def print_table(rows: list[dict], columns: list[tuple[str, str, str]], title: st
     return text
 
 
-def write_json(name: str, payload: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+def time_paired(fns: dict[str, Callable[[], object]], repeats: int = 5, warmup: int = 1) -> dict[str, float]:
+    """Median seconds of one call of each function, for slow calls: `warmup` calls each, then `repeats`
+    rounds A B C A B C ..., so that background load hits every function alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def write_json(name: str, payload: dict, folder: Path = RESULTS) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=1, default=str) + "\n")
     os.replace(tmp, path)

@@ -5,6 +5,7 @@ run      an experiment config (configs/smoke|pocket|p3|sni|symbol.json, or any f
 base     pretrain the pocket base, the in-context learner everything else builds on (data/pocket_base)
 train    train one HyperLlama from a JSON config, no evaluation (works under `accelerate launch`)
 report   RESULTS.md from runs' summary.json files
+ship     copy a config's trained models from its cache_dir into the repository (its run.shipped_dir)
 tour     tiny model, gist mask, canonical prefix, exact-caching check (seconds)
 memory   the memory planner's table for Llama-2 7B/13B on 8-24 GB cards
 
@@ -45,6 +46,25 @@ def cmd_run(args) -> int:
     summary = run_experiment(exp)
     print("\n" + results_table(summary))
     print(f"\nwall time {time.perf_counter() - t0:.0f} s; results, plots and summary.json in {exp.run.out_dir}/")
+    return 0
+
+
+def cmd_ship(args) -> int:
+    """Copy the trained models of a config from its cache into `--to` (default: its run.shipped_dir)."""
+    from pathlib import Path
+
+    from gistlib.course.experiment import load_experiment
+    from gistlib.course.runner import ship_models
+    from gistlib.data.files import REPO_ROOT
+
+    exp = load_experiment(args.config, args.set)
+    dest = args.to or exp.run.shipped_dir
+    if not dest:
+        print("gistlib ship: the config has no run.shipped_dir; pass --to DIR", file=sys.stderr)
+        return 2
+    for folder in ship_models(exp, REPO_ROOT / dest if not Path(dest).is_absolute() else Path(dest)):
+        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        print(f"{folder}: {size / 2**20:.1f} MiB")
     return 0
 
 
@@ -95,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     rep = sub.add_parser("report", help="write RESULTS.md from runs' summary.json files")
     rep.add_argument("summaries", nargs="+", help="summary.json files, in the order to report them")
     rep.add_argument("--out", default="RESULTS.md")
+    ship = sub.add_parser("ship", help="copy a config's trained models from its cache into the repository")
+    ship.add_argument("config")
+    ship.add_argument("--to", default="", help="destination folder (default: the config's run.shipped_dir)")
+    _add_set(ship)
     base = sub.add_parser("base", help="pretrain the pocket base (in-context learner) into --out")
     base.add_argument("--config", default="pocket")
     base.add_argument("--out", default="data/pocket_base")
@@ -123,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     from gistlib.config import ConfigError
 
     try:
-        return {"run": cmd_run, "train": cmd_train, "base": cmd_base, "report": cmd_report}[args.command](args)
+        commands = {"run": cmd_run, "train": cmd_train, "base": cmd_base, "report": cmd_report, "ship": cmd_ship}
+        return commands[args.command](args)
     except ConfigError as err:
         print(f"gistlib {args.command}: {err}", file=sys.stderr)
         return 2

@@ -15,6 +15,13 @@ Shapes: the store holds one `Prefix` (n_layers, T, H_kv, k, hd) for its T tasks,
 `names[i]`. A query batch of B rows gathers (n_layers, B, H_kv, k, hd) from it.
 
 Memory per task is `k * n_layers * 2 * H_kv * hd * bytes`: 16 gist tokens instead of the demos' hundreds.
+
+Serving copies each batch's K/V once: `get(names, room)` gathers the rows with one `index_select` per tensor
+straight into buffers that leave `room` slots after the prefix (`LaidOutPrefix`), and the cache made from them
+(`BufferLayer`) writes every new token in place, so no call concatenates K/V (transformers' `DynamicCache`
+concatenates per layer and per step). On the CPU, sdpa runs grouped-query attention on the H_kv heads itself
+(`sdpa_gqa`) instead of repeating K/V to the query heads. A prompt cache (the demos' n-token K/V, positions
+0..n-1) is served by the very same path: a store of caches is a store of n-token prefixes.
 """
 
 from __future__ import annotations
@@ -31,18 +38,102 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import PreTrainedModel
+from transformers.cache_utils import Cache, DynamicLayer
 
 from gistlib.core.prefix import Prefix, extract_prefix, forward_with_prefix
 from gistlib.data.render import collate
 from gistlib.train.evaluate import generate_ids, score_choice_ids
 
-__all__ = ["PrefixMaker", "PrefixStore", "UnknownTaskError", "read_store_metadata"]
+__all__ = [
+    "BufferLayer",
+    "LaidOutPrefix",
+    "PrefixMaker",
+    "PrefixStore",
+    "UnknownTaskError",
+    "read_store_metadata",
+    "sdpa_gqa",
+]
 
 # (input_ids (T, L), attention_mask (T, L)) of `[BOS] demos G_1..G_k` rows -> Prefix (n, T, H_kv, k, hd)
 PrefixMaker = Callable[[torch.Tensor, torch.Tensor], Prefix]
 
 _META_KEY = "gistlib.prefix_store"  # safetensors header entry holding our JSON metadata
 _FORMAT_VERSION = 1
+
+
+class BufferLayer(DynamicLayer):
+    """One layer's cache in a buffer with room after the prefix: new K/V are written in place, not concatenated.
+
+    keys, values: (B, H_kv, capacity, hd) buffers whose first `length` slots hold the prefix. `update` writes the
+    new (B, H_kv, L, hd) states after them and returns views of the filled part; a full buffer doubles (rare:
+    give enough room).
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int):
+        super().__init__()
+        self._buffers = (keys, values)
+        self.length = length
+        self.device, self.dtype = keys.device, keys.dtype
+        self.is_initialized = True
+        self.keys, self.values = keys[:, :, :length], values[:, :, :length]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        end = self.length + key_states.shape[-2]
+        kb, vb = self._buffers
+        if end > kb.shape[2]:  # grow: one copy, then room for as many again
+            grown = [b.new_empty(*b.shape[:2], 2 * end, b.shape[-1]) for b in (kb, vb)]
+            for new, old in zip(grown, (kb, vb)):
+                new[:, :, : self.length] = old[:, :, : self.length]
+            kb, vb = self._buffers = tuple(grown)
+        kb[:, :, self.length : end] = key_states
+        vb[:, :, self.length : end] = value_states
+        self.length = end
+        self.keys, self.values = kb[:, :, :end], vb[:, :, :end]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+
+class LaidOutPrefix(Prefix):
+    """A Prefix (n, B, H_kv, k, hd) that sits at the start of buffers (n, B, H_kv, k + room, hd).
+
+    `to_cache` hands those buffers to `BufferLayer`s, so the downstream pass appends its tokens without copying
+    the prefix again. A cache grows in place: a second `to_cache` lays out a fresh copy.
+    """
+
+    def __init__(self, key_buffer: torch.Tensor, value_buffer: torch.Tensor, k: int):
+        super().__init__(key_buffer[:, :, :, :k], value_buffer[:, :, :, :k])
+        self._buffers: tuple[torch.Tensor, torch.Tensor] | None = (key_buffer, value_buffer)
+
+    def to_cache(self, config=None) -> Cache:
+        kb, vb = self._buffers if self._buffers is not None else (self.keys.clone(), self.values.clone())
+        self._buffers = None
+        k = self.num_virtual_tokens
+        return Cache(layers=[BufferLayer(kb[i], vb[i], k) for i in range(self.num_layers)])
+
+
+@contextlib.contextmanager
+def sdpa_gqa(device: torch.device):
+    """On the CPU, let transformers' sdpa run grouped-query attention on the H_kv heads (`enable_gqa`).
+
+    transformers repeats K/V to the query heads whenever a mask is given (CUDA's masked GQA falls back to the
+    math kernel); torch's CPU kernels take a mask with `enable_gqa` (same result, no copy). It sets
+    transformers' own switch `TRANSFORMERS_SDPA_FORCE_GQA` for the duration of the call; elsewhere a no-op.
+    """
+    if device.type != "cpu":
+        yield
+        return
+    name = "TRANSFORMERS_SDPA_FORCE_GQA"
+    old = os.environ.get(name)
+    os.environ[name] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
 
 
 class UnknownTaskError(KeyError):
@@ -72,8 +163,16 @@ class PrefixStore:
         self.make_prefix = make_prefix
         self.downstream = downstream
         self.pad_token_id = pad_token_id
-        self._row: dict[str, int] = {}  # task name -> row of self._all
-        self._all: Prefix | None = None  # (n, T, H_kv, k, hd)
+        self._row: dict[str, int] = {}  # task name -> row of the store
+        self._kv: tuple[torch.Tensor, torch.Tensor] | None = None  # keys, values (n, capacity, H_kv, k, hd)
+
+    @property
+    def _all(self) -> Prefix | None:
+        """Every held prefix, (n, T, H_kv, k, hd): views of the store, laid out once (capacity doubles as it fills)."""
+        if self._kv is None:
+            return None
+        T = len(self._row)
+        return Prefix(self._kv[0][:, :T], self._kv[1][:, :T])
 
     @classmethod
     def from_hyper(cls, hyper, pad_token_id: int = 0) -> PrefixStore:
@@ -139,25 +238,55 @@ class PrefixStore:
                 "(every task needs the same layers, kv heads, k and head dim)"
             )
         prefix = prefix.to(self._all.keys) if self._all is not None else prefix
-        old = [i for i, n in enumerate(names) if n in self._row]
-        if old:  # replace in place
-            rows = torch.tensor([self._row[names[i]] for i in old])
-            self._all.keys[:, rows] = prefix.keys[:, old]
-            self._all.values[:, rows] = prefix.values[:, old]
-        new = [i for i, n in enumerate(names) if n not in self._row]
-        if new:
-            fresh = prefix.rows(new)
-            start = len(self._row)
-            self._all = fresh if self._all is None else Prefix.cat([self._all, fresh])
-            self._row.update({names[i]: start + j for j, i in enumerate(new)})
+        new = [n for n in names if n not in self._row]
+        self._reserve(len(self._row) + len(new), prefix)
+        start = len(self._row)
+        self._row.update({n: start + j for j, n in enumerate(new)})
+        rows = torch.tensor([self._row[n] for n in names], device=prefix.keys.device)
+        self._kv[0].index_copy_(1, rows, prefix.keys)  # new rows and replaced ones, in place
+        self._kv[1].index_copy_(1, rows, prefix.values)
 
-    def get(self, names: str | Sequence[str]) -> Prefix:
-        """The prefixes of `names`, in that order (repeats allowed): (n, len(names), H_kv, k, hd)."""
+    def _reserve(self, rows: int, like: Prefix) -> None:
+        """Make room for `rows` tasks (capacity doubles, so adding tasks one by one copies O(T) in all)."""
+        have = 0 if self._kv is None else self._kv[0].shape[1]
+        if rows <= have:
+            return
+        n, _, h, k, hd = like.keys.shape
+        grown = tuple(like.keys.new_zeros(n, max(rows, 2 * have), h, k, hd) for _ in range(2))
+        if self._kv is not None:
+            T = len(self._row)
+            for new, old in zip(grown, self._kv):
+                new[:, :T] = old[:, :T]
+        self._kv = grown
+
+    def get(self, names: str | Sequence[str], room: int = 0) -> LaidOutPrefix:
+        """The prefixes of `names`, in that order (repeats allowed): (n, len(names), H_kv, k, hd).
+
+        Gathered with one `index_select` per tensor into buffers with `room` free slots after the prefix, where
+        a downstream pass of up to `room` tokens writes its K/V (`LaidOutPrefix.to_cache`).
+        """
         names = [names] if isinstance(names, str) else list(names)
         missing = [n for n in names if n not in self._row]
         if missing:
             raise UnknownTaskError(self._unknown_message(missing[0]))
-        return self._all.rows(torch.tensor([self._row[n] for n in names], device=self._all.keys.device))
+        keys, values = self._kv
+        rows = torch.tensor([self._row[n] for n in names], device=keys.device)
+        n, _, h, k, hd = keys.shape
+        buffers = [keys.new_empty(n, len(names), h, k + room, hd) for _ in range(2)]
+        for src, buf in zip((keys, values), buffers):
+            torch.index_select(src, 1, rows, out=buf[:, :, :, :k])
+        return LaidOutPrefix(*buffers, k)
+
+    @torch.no_grad()
+    def forward(self, tasks: Sequence[str], input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs):
+        """The downstream model on (B, L) rows, row `i` after task `tasks[i]`'s prefix; returns its output.
+
+        Tokens run at positions k, k+1, ... (`forward_with_prefix`) over K/V laid out once (`get`), with
+        grouped-query attention on the kv heads where sdpa allows it (`sdpa_gqa`). `.logits`: (B, L, V).
+        """
+        prefix = self.get(list(tasks), room=input_ids.shape[1])
+        with self.downstream(), sdpa_gqa(input_ids.device):
+            return forward_with_prefix(self.model, prefix, input_ids, attention_mask, **kwargs)
 
     def _unknown_message(self, name: str) -> str:
         close = difflib.get_close_matches(str(name), list(self._row), n=3)
@@ -244,12 +373,8 @@ class PrefixStore:
         self.get(list(dict.fromkeys(tasks)))  # fail early, naming the unknown task
 
         def run(owners: torch.Tensor, batch: dict, keep: int) -> torch.Tensor:
-            prefix = self.get([tasks[int(q)] for q in owners])
-            with self.downstream():
-                out = forward_with_prefix(
-                    self.model, prefix, batch["input_ids"], batch["attention_mask"], logits_to_keep=keep
-                )
-            return out.logits
+            names = [tasks[int(q)] for q in owners]
+            return self.forward(names, batch["input_ids"], batch["attention_mask"], logits_to_keep=keep).logits
 
         owners = list(range(len(tasks)))
         return score_choice_ids(run, owners, prompts, choices, self.pad_token_id, batch_size, self._device())
@@ -273,10 +398,11 @@ class PrefixStore:
         if not tasks:
             return []
         self.get(list(dict.fromkeys(tasks)))
-        with self.downstream():
+        room = max(len(p) for p in prompts) + max_new_tokens  # every token of a call fits after the prefix
+        with self.downstream(), sdpa_gqa(self._device()):
             return generate_ids(
-                self.model, lambda owners: self.get([tasks[i] for i in owners]), list(range(len(tasks))), prompts,
-                max_new_tokens, eos_token_id, self.pad_token_id, batch_size, self._device(),
+                self.model, lambda owners: self.get([tasks[i] for i in owners], room), list(range(len(tasks))),
+                prompts, max_new_tokens, eos_token_id, self.pad_token_id, batch_size, self._device(),
             )  # fmt: skip
 
 

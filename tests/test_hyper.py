@@ -270,3 +270,32 @@ def test_a_prefix_cannot_be_made_with_the_adapters_off():
     with hyper.downstream_mode(), pytest.raises(RuntimeError, match="inside downstream_mode"):
         hyper.make_prefix(ids, torch.ones_like(ids))
     assert not hyper.adapters_off
+
+
+def test_merged_lora_prefix_equals_unmerged_and_restores_the_base():
+    """Without gradients make_prefix runs on merged weights: equal to the unmerged pass, base bit-identical after."""
+    hyper = make_hyper()
+    perturb_lora(hyper, scale=0.2)
+    hyper.eval()
+    h_ids, h_am, *_ = toy_batch()
+    real = h_am[0].bool()
+    batches = [(h_ids, h_am), (h_ids[:1, real], h_am[:1, real])]  # left padded (gist mask) and unpadded (causal path)
+    before = base_state(hyper)
+    weights = {n: p for n, p in hyper.base.named_parameters() if "lora_" not in n}
+    for step in range(2):
+        for ids, am in batches:
+            with torch.no_grad():
+                merged = hyper.make_prefix(ids, am)
+            assert hyper._merged is not None  # the merged path ran
+            unmerged = hyper.make_prefix(ids, am)  # gradients on: LoRA unmerged, as in training
+            assert unmerged.keys.requires_grad and hyper._merged is None
+            torch.testing.assert_close(merged.keys, unmerged.keys.detach(), atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(merged.values, unmerged.values.detach(), atol=1e-4, rtol=1e-4)
+            with torch.no_grad(), hyper.downstream_mode():  # the adapters matter: without them the prefix differs
+                plain = extract_prefix(hyper.peft, ids, am, GIST_IDS, inputs_embeds=hyper.hyper_embeddings(ids))
+            assert (plain.values - merged.values).abs().max() > 1e-3
+        perturb_lora(hyper, scale=0.2, seed=2 + step)  # an in-place step: the merged copy must follow it
+    after = dict(hyper.base.named_parameters())
+    for n, p in before.items():
+        assert after[n] is weights[n] and torch.equal(after[n], p), n
+    assert not hyper.adapters_off

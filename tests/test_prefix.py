@@ -263,3 +263,48 @@ def test_extract_prefix_rejects_rows_without_gists(tiny_models):
     ids = torch.tensor([[5, 6] + GIST_IDS, [5, 6, 7, 8, 9, 10]])
     with pytest.raises(ValueError, match=r"rows \[1\] have no gist tokens"):
         extract_prefix(tiny_models["sdpa"], ids, torch.ones_like(ids), GIST_IDS)
+
+
+def _gist_mask_reference(model, ids, am):
+    """The slow path, written out: one pass under the explicit gist mask, gather, re-rotate (an independent check)."""
+    from transformers import DynamicCache
+
+    from gistlib.core.prefix import canonical_prefix, gather_gist_kv, gist_positions
+
+    index = gist_positions(ids, GIST_IDS, am)
+    positions = positions_from_mask(am)
+    out = forward_with_mask(
+        model,
+        make_gist_mask(ids, GIST_IDS, attention_mask=am),
+        positions,
+        input_ids=ids,
+        cache=DynamicCache(config=model.config),
+        use_cache=True,
+    )
+    keys, values = gather_gist_kv([(layer.keys, layer.values) for layer in out.cache.layers], index)
+    return canonical_prefix(model, keys, values, positions.gather(1, index[:, :1]).squeeze(1))
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_fast_causal_path_equals_the_gist_mask_pass(tiny_models, impl):
+    """Unpadded rows ending in their gists run without a mask (sdpa's causal path): same prefix as the gist mask."""
+    model = tiny_models[impl]
+    seen = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get("attention_mask")), with_kwargs=True)
+    try:
+        for rows, side in (([7, 7], "left"), ([3, 9, 6], "left"), ([3, 9], "right")):
+            ids, am = pad_batch([[1] + d + GIST_IDS for d, _ in random_rows(rows)], side)
+            seen.clear()
+            got = extract_prefix(model, ids, am, GIST_IDS)
+            padded = not bool(am.bool().all())
+            assert (seen[0] is not None) == padded  # the fast path is taken exactly where nothing is padded
+            expected = _gist_mask_reference(model, ids, am)
+            torch.testing.assert_close(got.keys, expected.keys, atol=1e-5, rtol=0)
+            torch.testing.assert_close(got.values, expected.values, atol=1e-5, rtol=0)
+        # tokens after the gists: the gist mask must hide the demos from them, so no fast path
+        ids = torch.tensor([[1, 5, 6, 7, *GIST_IDS, 9, 10]])
+        seen.clear()
+        extract_prefix(model, ids, torch.ones_like(ids), GIST_IDS)
+        assert seen[0] is not None
+    finally:
+        hook.remove()

@@ -13,10 +13,18 @@ import pytest
 import torch
 
 from gistlib.course.experiment import METHODS, load_experiment, tiny_experiment
-from gistlib.course.runner import check_cache_base, load_bundle, run_experiment, train_hyper
+from gistlib.course.runner import (
+    check_cache_base,
+    load_bundle,
+    other_task_rows,
+    run_experiment,
+    ship_models,
+    train_hyper,
+    trained_model_dirs,
+)
 from gistlib.data import shared_data_dir
 
-SCORED = ("zero_shot", "icl", "multitask_icl", "gisting", "hyperllama")
+SCORED = ("zero_shot", "icl", "multitask_icl", "gisting", "hyperllama", "wrong_task_prefix")
 STARTS = ("prefix_tuning_random", "prefix_tuning_vocab", "prefix_tuning_hyperllama")
 DATA = shared_data_dir()
 needs_data = pytest.mark.skipif(
@@ -37,7 +45,7 @@ def smoke(tmp_path_factory):
 
 def test_every_method_produced_a_number(smoke):
     exp, summary = smoke
-    assert set(METHODS) == set(exp.methods.enabled)
+    assert set(METHODS) - {"definition_only"} == set(exp.methods.enabled)  # no task definitions in the pocket suite
     for name in SCORED:
         entry = summary["methods"][name]
         assert 0.0 <= entry["ci95"][0] <= entry["accuracy"] <= entry["ci95"][1] <= 1.0
@@ -74,6 +82,34 @@ def test_a_second_run_reuses_the_cache_and_gives_the_same_numbers(smoke):
     for name in SCORED:
         assert again["methods"][name] == first["methods"][name], name
     assert again["prefix_tuning"] == first["prefix_tuning"]
+
+
+def test_shipped_models_are_loaded_instead_of_trained(smoke, tmp_path):
+    """`gistlib ship` copies final weights, settings and logs (no checkpoints); a run pointed at them
+    (run.shipped_dir) with the same settings trains nothing and scores the same; other settings train anew."""
+    exp, first = smoke
+    shipped = tmp_path / "shipped"
+    folders = ship_models(exp, shipped)
+    assert sorted(f.name for f in folders) == sorted(trained_model_dirs(exp)) and len(folders) >= 4
+    assert not [p for f in folders for p in f.rglob("*") if "checkpoint" in p.name or "optimizer" in p.name]
+    cache = tmp_path / "cache"
+    shutil.copytree(Path(exp.run.cache_dir) / "base", cache / "base")  # the smoke base is trained, not shipped
+    run = replace(exp.run, cache_dir=str(cache), shipped_dir=str(shipped), out_dir=str(tmp_path / "out"))
+    again = run_experiment(replace(exp, run=run))
+    assert not [n for n in trained_model_dirs(exp) if (cache / n).exists()]  # nothing was trained
+    assert {n: again["methods"][n] for n in SCORED} == {n: first["methods"][n] for n in SCORED}
+    assert again["logs"]["hyperllama_seed0"] == first["logs"]["hyperllama_seed0"]
+    changed = replace(
+        exp, run=run, train=replace(exp.train, gisting_lr=0.5), methods=replace(exp.methods, enabled=("gisting",))
+    )
+    run_experiment(changed)
+    assert (cache / f"gisting-k{exp.hyper.num_gist_tokens}" / "final").exists()  # trained into the cache
+    assert (
+        json.loads((shipped / f"gisting-k{exp.hyper.num_gist_tokens}" / "settings.json").read_text())["train"][
+            "gisting_lr"
+        ]
+        == exp.train.gisting_lr
+    )  # the shipped copy is untouched
 
 
 def test_the_same_settings_in_a_fresh_folder_give_the_same_numbers(smoke, tmp_path):
@@ -216,3 +252,27 @@ def test_a_classification_csv_runs_every_method(tmp_path):
     for method in SCORED:
         assert 0.0 <= summary["methods"][method]["accuracy"] <= 1.0, method
     assert list(summary["methods"]["icl"]["by_group"]) == ["test_data"]
+
+
+def test_wrong_task_rows_point_at_another_task():
+    from gistlib.data import Episode
+
+    eps = [Episode(t, [], []) for t in ["a", "a", "b", "c", "c", "a"]]
+    rows = other_task_rows(eps)
+    assert len(rows) == len(eps) and all(eps[r].task != ep.task for r, ep in zip(rows, eps))
+    assert rows == [2, 2, 3, 5, 5, 2]  # the next episode of another task, cyclically
+    with pytest.raises(ValueError, match="two tasks"):
+        other_task_rows([Episode("a", [], []), Episode("a", [], [])])
+
+
+def test_validation_tasks_are_held_out_of_training():
+    from gistlib.data import Example, Task
+    from gistlib.data.sources import _hold_out
+
+    tasks = [Task(f"t{i}", [Example("x", "y")]) for i in range(10)]
+    train, val = _hold_out(tasks, [], 3, seed=0)
+    assert len(val) == 3 and len(train) == 7 and not {t.name for t in train} & {t.name for t in val}
+    assert [t.name for t in _hold_out(tasks, [], 3, seed=0)[1]] == [t.name for t in val]  # seeded
+    assert _hold_out(tasks, tasks[:1], 3, seed=0) == (tasks, tasks[:1])  # a real validation split is kept
+    with pytest.raises(ValueError, match="no training task"):
+        _hold_out(tasks, [], 10, seed=0)

@@ -151,3 +151,54 @@ def test_unknown_task_is_a_clear_error(served):
         store.generate(["nope"], prompts[:1], max_new_tokens=2)
     with pytest.raises(UnknownTaskError, match="store is empty"):
         PrefixStore(store.model).get("task_0")
+
+
+def test_served_batches_lay_kv_out_once_without_concatenation_or_gqa_repeat(served, monkeypatch):
+    """Serving writes new K/V into the buffers `get` laid out (no DynamicCache concatenation) and runs GQA without
+    repeating K/V (the tiny model has 4 query heads over 2 kv heads); results equal the plain transformers path."""
+    import transformers.integrations.sdpa_attention as sdpa
+    from transformers.cache_utils import DynamicLayer
+
+    store, *_ = served
+    tasks, prompts, choices = queries()
+    model = store.model
+    plain = {t: Prefix(store.get(t).keys.clone(), store.get(t).values.clone()) for t in set(tasks)}  # DynamicCache
+    expected_scores, expected_text = [], []
+    with store.downstream():
+        for task, prompt, cs in zip(tasks, prompts, choices):
+            row = []
+            for choice in cs:
+                ids = torch.tensor([prompt + choice])
+                labels = torch.tensor([[-100] * len(prompt) + choice])
+                logits = forward_with_prefix(model, plain[task], ids, torch.ones_like(ids)).logits
+                row.append(sequence_logprobs(logits, labels)[0][0])
+            expected_scores.append(torch.stack(row))
+            ids = torch.tensor([prompt])
+            expected_text.append(
+                generate_with_prefix(model, plain[task], ids, torch.ones_like(ids), 6, pad_token_id=PAD)
+            )
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a per-call K/V copy the store should avoid")
+
+    monkeypatch.setattr(DynamicLayer, "update", refuse)  # BufferLayer overrides it: only a DynamicCache gets here
+    monkeypatch.setattr(sdpa, "repeat_kv", refuse)
+    got = store.score_choices(tasks, prompts, choices, batch_size=64)
+    for g, e in zip(got, expected_scores):
+        torch.testing.assert_close(g, e, atol=TOL, rtol=0)
+    assert store.generate(tasks, prompts, max_new_tokens=6) == [e[0] for e in expected_text]
+    # the cache writes into the very buffer `get` laid out, and grows past a too small room
+    prefix = store.get(tasks[:2], room=1)
+    cache = prefix.to_cache()
+    buffer = cache.layers[0]._buffers[0]
+    k = prefix.num_virtual_tokens
+    one, three = (
+        torch.zeros(2, buffer.shape[1], 1, buffer.shape[-1]),
+        torch.ones(2, buffer.shape[1], 3, buffer.shape[-1]),
+    )
+    cache.layers[0].update(one, one)
+    assert cache.layers[0].keys.data_ptr() == buffer.data_ptr() == prefix.keys.data_ptr()
+    cache.layers[0].update(three, three)
+    grown = cache.layers[0].keys
+    assert grown.shape[2] == k + 4 and torch.equal(grown[:, :, :k], prefix.keys[0])
+    assert torch.equal(grown[:, :, k + 1 :], torch.ones_like(grown[:, :, k + 1 :]))

@@ -114,6 +114,26 @@ def test_tokenizer_special_tokens(smol_tok, smol_pair):
 
 
 @needs_wheel
+def test_newline_answer_end_on_the_real_tokenizer(smol_tok):
+    """data.answer_end=newline: answers are labelled `y "\n"` (the token that follows an answer in context) and
+    greedy decoding stops at any token holding a newline, which answer_text then cuts away."""
+    from dataclasses import replace
+
+    from gistlib.data.render import VERBOSE, answer_ids, answer_text, encode, stop_token_ids
+
+    fmt = replace(VERBOSE, answer_end="\n")
+    newline = encode(smol_tok, "\n")
+    assert answer_ids("Paris", smol_tok, fmt) == encode(smol_tok, "Paris") + newline
+    stops = set(stop_token_ids(smol_tok, fmt))
+    assert set(newline) <= stops and smol_tok.eos_token_id in stops
+    assert all("\n" in smol_tok.decode([i]) for i in stops - {smol_tok.eos_token_id})
+    assert encode(smol_tok, " Paris")[0] not in stops
+    # a demo's answer is followed by the next demo's "\nInput:\n", whose first token is the newline
+    assert encode(smol_tok, "\nInput:\n")[0] in stops
+    assert answer_text(encode(smol_tok, " Paris.\nInput: more"), smol_tok, fmt) == "Paris."
+
+
+@needs_wheel
 def test_perplexity_far_below_random(smol_model, smol_tok):
     from transformers import LlamaForCausalLM
 
@@ -137,6 +157,7 @@ def test_smol_config_is_the_cpu_tier():
     exp = load_experiment("smol")
     assert exp.model.source == "smollm2" and exp.model.quantization == "" and exp.run.threads == 1
     assert exp.model.path == smol.DEFAULT_CACHE and exp.data.family == "sni" and exp.data.format == "verbose"
-    assert (exp.hyper.num_gist_tokens, exp.data.max_hyper_tokens, exp.data.max_tokens) == (8, 256, 64)
+    assert (exp.hyper.num_gist_tokens, exp.data.max_hyper_tokens, exp.data.max_tokens) == (8, 384, 128)
+    assert exp.data.answer_end == "newline" and exp.data.validation_tasks > 0
     assert exp.train.tasks_per_batch == exp.train.gisting_batch == exp.train.multitask_batch == 4
     assert max(exp.train.hyper_steps, exp.train.gisting_steps, exp.train.multitask_steps) <= 500

@@ -19,6 +19,7 @@ inference can use the cache path of `gistlib.core.prefix` as well, and tests sho
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -33,7 +34,6 @@ from transformers import PreTrainedModel
 from gistlib.config import check_fields
 from gistlib.core.attention import use_gistlib_attention
 from gistlib.core.distill import hidden_cosine_loss, teacher_hidden_states
-from gistlib.core.masks import make_gist_mask
 from gistlib.core.prefix import (
     Prefix,
     canonical_prefix,
@@ -41,6 +41,7 @@ from gistlib.core.prefix import (
     generate_with_prefix,
     gist_positions,
     positions_from_mask,
+    prefix_pass,
     prefixed_causal_mask,
 )
 from gistlib.core.scoring import sequence_logprobs, token_loss
@@ -156,6 +157,9 @@ class HyperLlama(nn.Module):
             self.peft: PeftModel = get_peft_model(base, lora)
             self.prefix_head = PrefixHead(self.config.prefix_head, cfg.num_key_value_heads, head_dim)
         self.prefix_head.to(embed.weight.device)
+        self.merge_lora_for_inference = True  # make_prefix without gradients runs on merged weights (`merged_lora`)
+        self._merged: tuple | None = None  # (LoRA version, LoRA layers, their merged weights)
+        self._lora_found: list | None = None  # the LoRA layers, found on first use
 
     def _init_gist_embeddings(self, vocab: torch.Tensor, gist_token_ids: list[int]) -> torch.Tensor:
         """(k, d) float32 copies of existing embeddings (k random real tokens, or the gist ids' rows)."""
@@ -182,9 +186,7 @@ class HyperLlama(nn.Module):
     @property
     def adapters_off(self) -> bool:
         """True inside `downstream_mode()` (every LoRA layer disabled)."""
-        from peft.tuners.lora import LoraLayer
-
-        layers = [m for m in self.peft.modules() if isinstance(m, LoraLayer)]
+        layers = self._lora_layers()
         return bool(layers) and all(m.disable_adapters for m in layers)
 
     def downstream_mode(self):
@@ -208,6 +210,8 @@ class HyperLlama(nn.Module):
         One hypernetwork pass (adapters on); gist keys are captured inside attention at their
         absolute positions, re-rotated to 0..k-1, then passed through the prefix head. Raises inside
         `downstream_mode()`: there the adapters are off and the pass would be the frozen base's, not the hypernetwork's.
+        The gists come last, so unpadded rows take sdpa's fast causal path (`prefix_pass`); without
+        gradients (inference) the pass runs on LoRA-merged weights (`merged_lora`), with them on the unmerged ones.
         """
         if self.adapters_off:
             raise RuntimeError(
@@ -215,23 +219,81 @@ class HyperLlama(nn.Module):
                 "base's pass; make the prefix first, then score or generate inside downstream_mode()"
             )
         gist_ids = self.gist_ids.tolist()
-        mask = make_gist_mask(hyper_input_ids, gist_ids, attention_mask=hyper_attention_mask)
         positions = positions_from_mask(hyper_attention_mask)
         index = gist_positions(hyper_input_ids, gist_ids, hyper_attention_mask)  # (B, k)
         store: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        forward_with_mask(
-            self.peft,
-            mask,
-            positions,
-            inputs_embeds=self.hyper_embeddings(hyper_input_ids),
-            gist_capture=(store, index),
-            use_cache=False,
-            logits_to_keep=1,
-        )
+        merge = self.merge_lora_for_inference and not torch.is_grad_enabled() and self._lora_mergeable()
+        if torch.is_grad_enabled():
+            self._merged = None  # training: free the merged copy (it goes stale with the next step anyway)
+        with self.merged_lora() if merge else contextlib.nullcontext():
+            prefix_pass(
+                self.peft,
+                hyper_input_ids,
+                hyper_attention_mask,
+                gist_ids,
+                index,
+                positions,
+                inputs_embeds=self.hyper_embeddings(hyper_input_ids),
+                gist_capture=(store, index),
+                use_cache=False,
+                logits_to_keep=1,
+            )
         keys = torch.stack([store[i][0] for i in range(len(store))])  # (n, B, H, k, hd)
         values = torch.stack([store[i][1] for i in range(len(store))])
         offset = positions.gather(1, index[:, :1]).squeeze(1)  # (B,) position of G_1
         return self.prefix_head(canonical_prefix(self.base, keys, values, offset))
+
+    # --- LoRA merged for inference ---------------------------------------------------------------
+
+    def _lora_layers(self) -> list:
+        """Every LoRA layer, found once (a walk over all modules costs about a millisecond per call)."""
+        from peft.tuners.lora import LoraLayer
+
+        if self._lora_found is None:
+            self._lora_found = [m for m in self.peft.modules() if isinstance(m, LoraLayer)]
+        return self._lora_found
+
+    def _lora_mergeable(self) -> bool:
+        """Merging needs plain float linear maps (not 4-bit ones), no DoRA, and no dropout that is active."""
+        if self.training and self.config.lora_dropout > 0:
+            return False
+        return all(
+            type(m.get_base_layer()) is nn.Linear and not m.use_dora.get("default", False) for m in self._lora_layers()
+        )
+
+    def _lora_version(self) -> tuple:
+        """Changes whenever a LoRA weight does (in-place optimiser steps and loads bump `_version`)."""
+        return tuple((p.data_ptr(), p._version) for n, p in self.peft.named_parameters() if "lora_" in n)
+
+    @contextlib.contextmanager
+    def merged_lora(self):
+        """Context manager: the base's linear maps hold W + (alpha / r) B A and the LoRA branches are off.
+
+        The merged weights are separate tensors, made once and kept until a LoRA weight changes; the base's
+        own weight tensors are only swapped out and back, never written, so they stay bit-identical.
+        Costs one extra copy of the adapted linear weights while kept (`merge_lora_for_inference = False`:
+        never merge). Equal to the unmerged hypernetwork within float32 rounding (tested). The branches are
+        switched off layer by layer (PEFT's `disable_adapter()` walks the whole model twice per call, which
+        cost as much as a pocket forward pass).
+        """
+        version = self._lora_version()
+        if self._merged is None or self._merged[0] != version:
+            layers = self._lora_layers()
+            with torch.no_grad():
+                weights = [m.get_base_layer().weight + m.get_delta_weight("default") for m in layers]
+            self._merged = (version, layers, [nn.Parameter(w, requires_grad=False) for w in weights])
+        _, layers, merged = self._merged
+        bases = [m.get_base_layer() for m in layers]
+        originals = [(b._parameters["weight"], m._disable_adapters) for b, m in zip(bases, layers)]
+        try:
+            for b, m, w in zip(bases, layers, merged):
+                b._parameters["weight"] = w
+                m._disable_adapters = True  # the LoRA layer now just calls its base layer
+            yield
+        finally:
+            for b, m, (w, off) in zip(bases, layers, originals):
+                b._parameters["weight"] = w
+                m._disable_adapters = off
 
     def downstream_logits(self, prefix: Prefix, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Logits (B, L, V) of the frozen downstream model on tokens after `prefix` (positions k...)."""

@@ -17,7 +17,7 @@ The boolean masks from `gistlib.core.masks` become additive float masks in one p
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -32,10 +32,14 @@ __all__ = [
     "forward_with_mask",
     "rotate_keys",
     "rope_inv_freq",
+    "Float64Rope",
+    "rope_angles_in_float64",
     "gist_positions",
     "gather_gist_kv",
     "canonical_prefix",
     "extract_prefix",
+    "gists_come_last",
+    "prefix_pass",
     "prefixed_causal_mask",
     "forward_with_prefix",
     "generate_with_prefix",
@@ -144,13 +148,56 @@ def rotate_keys(keys: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor)
     """Rotate RoPE keys by `delta` positions per row (negative moves them back).
 
     keys: (B, H, T, hd); delta: (B,) ; inv_freq: (hd/2,). Uses HF's rotate_half layout.
-    The angle is computed in float64 so re-rotation adds no error of its own.
+    The angle is computed in float64 so re-rotation adds no error of its own; the rotation itself runs in
+    float32, or in float64 for float64 keys (where the canonical prefix must then match to rounding).
     """
     angles = delta.double()[:, None] * inv_freq.double()[None, :]  # (B, hd/2)
     emb = torch.cat([angles, angles], dim=-1)[:, None, None, :]  # (B, 1, 1, hd)
-    cos, sin = emb.cos().to(torch.float32), emb.sin().to(torch.float32)
-    k = keys.float()
+    work = torch.float64 if keys.dtype == torch.float64 else torch.float32
+    cos, sin = emb.cos().to(work), emb.sin().to(work)
+    k = keys.to(work)
     return (k * cos + rotate_half(k) * sin).to(keys.dtype)
+
+
+class Float64Rope(torch.nn.Module):
+    """A model's rotary embedding with its angles (position x inv_freq) computed in float64.
+
+    transformers' Llama multiplies `position_ids.float() * inv_freq.float()` in float32 whatever the model's
+    dtype, so every angle carries a float32 error of about 6e-8 x angle. RoPE's identity "the score depends only
+    on the distance" then holds only to that error: a float64 SmolLM2 (30 layers) stays 1e-5 to 3e-5 away from
+    itself when shifted by 7 positions, and from exact gist caching, however `rotate_keys` computes. With the
+    angles in float64 both fall to float64 rounding (about 1e-13). In float32 it changes nothing measurable.
+    """
+
+    def __init__(self, rope: torch.nn.Module):
+        super().__init__()
+        kind = str(getattr(rope, "rope_type", "default"))
+        if "dynamic" in kind or "longrope" in kind:  # their forward rewrites inv_freq with the sequence length
+            raise ValueError(f"Float64Rope supports RoPE with fixed inverse frequencies, not {kind!r}")
+        self.rope = rope
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (B, L, d), read for its dtype and device only; position_ids: (B, L) -> cos, sin: (B, L, hd)."""
+        freqs = position_ids[..., None].double() * self.rope.inv_freq.to(x.device, torch.float64)  # (B, L, hd/2)
+        emb = torch.cat([freqs, freqs], dim=-1)  # (B, L, hd), HF's rotate_half layout
+        scale = self.rope.attention_scaling
+        return (emb.cos() * scale).to(x.dtype), (emb.sin() * scale).to(x.dtype)
+
+
+def rope_angles_in_float64(model: torch.nn.Module) -> torch.nn.Module:
+    """Wrap every rotary embedding of `model` (a module with `inv_freq` named `rotary_emb`) in `Float64Rope`,
+    in place (a second call changes nothing); returns `model`. For float64 checks of exactness (see `Float64Rope`)."""
+    found = [
+        (name, module)
+        for name, module in model.named_modules()
+        if name.split(".")[-1] == "rotary_emb" and isinstance(getattr(module, "inv_freq", None), torch.Tensor)
+    ]
+    if not found and not any(isinstance(m, Float64Rope) for m in model.modules()):
+        raise ValueError("model has no `rotary_emb` module with `inv_freq`: is it Llama-shaped?")
+    for name, module in found:
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, Float64Rope(module))
+    return model
 
 
 def gist_positions(input_ids: torch.Tensor, gist_token_ids, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -198,6 +245,44 @@ def gather_gist_kv(cache_layers, gist_index: torch.Tensor) -> tuple[torch.Tensor
     return torch.stack(keys), torch.stack(values)
 
 
+def gists_come_last(gist_index: torch.Tensor, attention_mask: torch.Tensor) -> bool:
+    """True when in every row the last gist token is the last real token (no query tokens follow the gists).
+
+    gist_index: (B, k) gist positions (`gist_positions`); attention_mask: (B, L). Then, over the real
+    tokens, the gist mask *is* the causal mask: nothing comes after the gists for the rule to hide.
+    """
+    L = attention_mask.shape[1]
+    pos = torch.arange(L, device=attention_mask.device)
+    last_real = torch.where(attention_mask.bool(), pos, -1).amax(1)  # (B,)
+    return bool((gist_index[:, -1] == last_real).all())
+
+
+def prefix_pass(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    gist_token_ids: int | Iterable[int],
+    gist_index: torch.Tensor,
+    position_ids: torch.Tensor,
+    inputs_embeds: torch.Tensor | None = None,
+    **kwargs,
+):
+    """The one forward pass that makes a prefix over `[demos][gists]` rows (B, L); returns the model's output.
+
+    Where no row has padding and the gists come last (`gists_come_last`), the gist mask equals the causal
+    mask, so the pass gets no mask at all and attention takes sdpa's fast causal path (`is_causal`); any
+    other batch runs under the explicit gist mask. Both give the same gist K/V (tested).
+    `gist_index` (B, k) from `gist_positions`; `kwargs` go to the model (cache, gist capture, ...).
+    """
+    tokens = None if inputs_embeds is not None else input_ids
+    if bool(attention_mask.bool().all()) and gists_come_last(gist_index, attention_mask):
+        return model(
+            input_ids=tokens, inputs_embeds=inputs_embeds, attention_mask=None, position_ids=position_ids, **kwargs
+        )
+    mask = make_gist_mask(input_ids, gist_token_ids, attention_mask=attention_mask)
+    return forward_with_mask(model, mask, position_ids, input_ids=tokens, inputs_embeds=inputs_embeds, **kwargs)
+
+
 def extract_prefix(
     model: PreTrainedModel,
     input_ids: torch.Tensor,
@@ -213,15 +298,17 @@ def extract_prefix(
     lookup (HyperLlama's separate gist table). `position_ids` (B, L) default to counting real
     tokens from 0; any other offset gives the same prefix. Returns a Prefix (n, B, H_kv, k, hd).
     Rows are checked first (`gist_positions`): all k gist tokens, in order, contiguous, none on padding.
+    Unpadded rows ending in their gists take the fast causal path (`prefix_pass`).
     """
     index = gist_positions(input_ids, gist_token_ids, attention_mask)  # (B, k), checked before the pass
-    mask = make_gist_mask(input_ids, gist_token_ids, attention_mask=attention_mask)
     positions = positions_from_mask(attention_mask) if position_ids is None else position_ids
-    out = forward_with_mask(
+    out = prefix_pass(
         model,
-        mask,
+        input_ids,
+        attention_mask,
+        gist_token_ids,
+        index,
         positions,
-        input_ids=None if inputs_embeds is not None else input_ids,
         inputs_embeds=inputs_embeds,
         cache=DynamicCache(config=model.config),
         use_cache=True,
@@ -304,14 +391,17 @@ def generate_with_prefix(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     max_new_tokens: int,
-    eos_token_id: int | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int = 0,
 ) -> list[list[int]]:
     """Greedy decoding for a batch of prompts, each after its own prefix (rows may be different tasks).
 
     input_ids, attention_mask: (B, L), any padding side (rows must hold contiguous real tokens).
-    `prefix=None` runs without a prefix. Returns the new token ids of each row, cut after EOS.
+    `prefix=None` runs without a prefix. eos_token_id: one id or several (any of them ends a row).
+    Returns the new token ids of each row, cut after its first stop token.
     """
+    stops = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    stop_ids = torch.tensor(stops, dtype=torch.long, device=input_ids.device)
     ids, am = _to_left_padding(input_ids, attention_mask, pad_token_id)
     B = ids.shape[0]
     k = prefix.num_virtual_tokens if prefix is not None else 0
@@ -337,18 +427,17 @@ def generate_with_prefix(
         token = out.logits[:, -1].argmax(-1)  # (B,)
         token = torch.where(done, pad_token_id, token)
         out_tokens = torch.cat([out_tokens, token[:, None]], dim=1)
-        if eos_token_id is not None:
-            done = done | (token == eos_token_id)
+        if stops:
+            done = done | torch.isin(token, stop_ids)
             if bool(done.all()):
                 break
         step_ids, step_mask = token[:, None], torch.ones(B, 1, dtype=torch.long, device=ids.device)
-    return [_cut_after_eos(row, eos_token_id) for row in out_tokens.tolist()]
+    return [_cut_after_stop(row, set(stops)) for row in out_tokens.tolist()]
 
 
-def _cut_after_eos(tokens: list[int], eos_token_id: int | None) -> list[int]:
-    if eos_token_id is not None and eos_token_id in tokens:
-        return tokens[: tokens.index(eos_token_id) + 1]
-    return tokens
+def _cut_after_stop(tokens: list[int], stops: set[int]) -> list[int]:
+    first = next((i for i, t in enumerate(tokens) if t in stops), None)
+    return tokens if first is None else tokens[: first + 1]
 
 
 # --- PEFT prefix-tuning format -------------------------------------------------------------------

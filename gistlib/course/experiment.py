@@ -38,7 +38,12 @@ __all__ = [
 ]
 
 CONFIG_DIR = REPO_ROOT / "configs"
-METHODS = ("zero_shot", "icl", "multitask_icl", "gisting", "hyperllama", "prefix_tuning")
+# wrong_task_prefix: each test episode read with HyperLlama's prefix of another task (a control: how much of
+# HyperLlama's gain is the answer format rather than the task); definition_only: the instruction without demos
+METHODS = (
+    "zero_shot", "definition_only", "icl", "multitask_icl", "gisting", "hyperllama", "wrong_task_prefix",
+    "prefix_tuning",
+)  # fmt: skip
 FAMILIES = ("pocket", "p3", "sni", "symbol", "classification")
 PREFIX_STARTS = ("random", "vocab", "hyperllama")
 
@@ -48,6 +53,9 @@ class RunConfig:
     name: str = "pocket"
     out_dir: str = "results/pocket"  # summary.json, results.md and plots
     cache_dir: str = "runs/pocket"  # trained models, each stamped with the settings that made it
+    # trained models shipped in the repository, in cache_dir's layout (`python -m gistlib ship`): one whose
+    # settings.json equals the settings asked for is loaded from there instead of trained ("": none)
+    shipped_dir: str = ""
     seeds: tuple[int, ...] = (0, 1, 2)  # HyperLlama seeds (the other methods train once, seed 0)
     threads: int = 0  # torch threads (0: leave as is)
     progress: bool = True
@@ -129,6 +137,10 @@ class DataConfig:
     balanced_demos: bool = True  # demos drawn round-robin over the outputs, also at evaluation
     repeat_demo_prob: float = 0.5  # curriculum: a training query repeats a demo word (never at evaluation)
     format: str = "compact"  # compact (`w -> s`, the pocket suite) | verbose (`\nInput:\n x \nOutput:\n y`)
+    # what ends an answer: eos (the tokenizer's) | newline (an instruct model's EOS does not follow answers in
+    # context: on SmolLM2 it scores about -8 after an answer, "\n" -0.1 to -1.2; gistlib.data.render.answer_end)
+    answer_end: str = "eos"
+    validation_tasks: int = 0  # families without a validation split: training tasks held out for validation
     max_hyper_tokens: int = 256  # hypernetwork / in-context input, incl. BOS, definition and gist tokens
     max_tokens: int = 64  # downstream input incl. BOS, query, answer and EOS
     seed: int = 0
@@ -138,6 +150,8 @@ class DataConfig:
             "family": self.family in FAMILIES,
             "train_tasks": bool(self.train_tasks or self.train_task_files),
             "format": self.format in ("compact", "verbose"),
+            "answer_end": self.answer_end in ("eos", "newline"),
+            "validation_tasks": self.validation_tasks >= 0,
             "repeat_demo_prob": 0.0 <= self.repeat_demo_prob <= 1.0,
             "max_tokens": self.max_tokens >= 4,
             "num_demos": self.num_demos >= 0,
@@ -183,7 +197,8 @@ class StagesConfig:
 
 @dataclass
 class MethodsConfig:
-    enabled: tuple[str, ...] = METHODS  # which of the paper's comparisons run (all scored on the same episodes)
+    # which of the paper's comparisons run (all scored on the same episodes); definition_only needs task definitions
+    enabled: tuple[str, ...] = tuple(m for m in METHODS if m != "definition_only")
     gist_sweep: tuple[int, ...] = ()  # extra k values (first seed) for the compression trade-off
     prefix_starts: tuple[str, ...] = PREFIX_STARTS  # prefix tuning from random / vocab / hyperllama prefixes
     prefix_episodes: int = 120  # test episodes tuned (the first n)

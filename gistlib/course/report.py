@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .experiment import METHODS
+
 __all__ = [
     "write_report",
     "results_table",
@@ -15,20 +17,49 @@ __all__ = [
     "plot_tradeoff",
 ]
 
-METHOD_ORDER = ("zero_shot", "icl", "multitask_icl", "gisting", "hyperllama")
+METHOD_ORDER = tuple(m for m in METHODS if m != "prefix_tuning")
+MAX_GROUP_COLUMNS = 8  # more groups (SNI: one per task) get a table of their own, one row per task
+COLORS = {"zero_shot": "#999", "definition_only": "#bbb", "icl": "#4a7", "multitask_icl": "#2a5", "gisting": "#c84",
+          "hyperllama": "#47c", "wrong_task_prefix": "#a9c"}  # fmt: skip
 
 
 def _fmt(entry: dict) -> str:
-    """Accuracy (exact match for generation) with its 95% interval, and ROUGE-L where the tasks generate."""
+    """Accuracy (exact match for generation) with its 95% interval, and ROUGE-L (with its own) where tasks generate."""
     lo, hi = entry["ci95"]
-    rouge = f", ROUGE-L {entry['rouge_l']:.3f}" if entry.get("rouge_l") is not None else ""
+    rouge = ""
+    if entry.get("rouge_l") is not None:
+        rlo, rhi = entry.get("rouge_l_ci95", (float("nan"), float("nan")))
+        rouge = f", ROUGE-L {entry['rouge_l']:.3f} [{rlo:.3f}, {rhi:.3f}]"
     return f"{entry['accuracy']:.3f} [{lo:.3f}, {hi:.3f}]{rouge}"
+
+
+def _per_task_table(m: dict) -> list[str]:
+    """One row per task, ROUGE-L of each method [95% CI over the task's instances] (generation families)."""
+    names = [n for n in METHOD_ORDER if n in m and m[n].get("per_task")]
+    if not names:
+        return []
+    rows = {n: {r["task"]: r for r in m[n]["per_task"]} for n in names}
+    tasks = list(rows[names[0]])
+    lines = ["", "ROUGE-L per task [95% CI over its instances]:", "", "| task | " + " | ".join(names) + " |",
+             "|---|" + "---|" * len(names)]  # fmt: skip
+    for t in tasks:
+        cells = [rows[n].get(t) for n in names]
+        lines.append(
+            f"| {t} | "
+            + " | ".join(
+                f"{c['rouge_l']:.3f} [{c['rouge_l_ci95'][0]:.2f}, {c['rouge_l_ci95'][1]:.2f}]" if c else "-"
+                for c in cells
+            )  # fmt: skip
+            + " |"
+        )
+    return lines
 
 
 def results_table(summary: dict) -> str:
     """Markdown: methods (accuracy, 95% CI, n, by level), seeds, the prefix ladder, gist sweep, compression."""
     m = summary["methods"]
     levels = sorted({lvl for e in m.values() for lvl in e.get("by_group", {})})
+    levels = levels if len(levels) <= MAX_GROUP_COLUMNS else []
     lines = [
         "| method | accuracy [95% CI] | episodes | " + " | ".join(levels) + " |",
         "|---|---|---|" + "---|" * len(levels),
@@ -41,6 +72,7 @@ def results_table(summary: dict) -> str:
                 + " | ".join(f"{e['by_group'].get(lvl, float('nan')):.3f}" for lvl in levels)
                 + " |"
             )
+    lines += _per_task_table(m)
     seeds = m.get("hyperllama", {}).get("per_seed", {})
     if seeds:
         lines += [
@@ -106,18 +138,19 @@ def _plt():
 
 
 def plot_methods(summary: dict):
-    """Bar chart: accuracy per method with 95% intervals."""
+    """Bar chart: accuracy (ROUGE-L where the tasks generate) per method with 95% intervals."""
     plt = _plt()
     m = summary["methods"]
     names = [n for n in METHOD_ORDER if n in m]
-    acc = [m[n]["accuracy"] for n in names]
-    err = [[a - m[n]["ci95"][0] for n, a in zip(names, acc)], [m[n]["ci95"][1] - a for n, a in zip(names, acc)]]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    colors = {"zero_shot": "#999", "icl": "#4a7", "multitask_icl": "#2a5", "gisting": "#c84", "hyperllama": "#47c"}
-    ax.bar(names, acc, yerr=err, capsize=4, color=[colors[n] for n in names])
-    ax.tick_params(axis="x", labelsize=8)
+    rouge = all(m[n].get("rouge_l") is not None for n in names)
+    key, ci = ("rouge_l", "rouge_l_ci95") if rouge else ("accuracy", "ci95")
+    acc = [m[n][key] for n in names]
+    err = [[a - m[n][ci][0] for n, a in zip(names, acc)], [m[n][ci][1] - a for n, a in zip(names, acc)]]
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    ax.bar(names, acc, yerr=err, capsize=4, color=[COLORS.get(n, "#777") for n in names])
+    ax.tick_params(axis="x", labelsize=8, labelrotation=20)
     ax.set_ylim(0, 1)
-    ax.set_ylabel("accuracy (held-out tasks)")
+    ax.set_ylabel(("ROUGE-L" if rouge else "accuracy") + " (held-out tasks)")
     ax.set_title(f"methods, {m[names[0]]['n_episodes']} test episodes, 95% CI")
     fig.tight_layout()
     return fig

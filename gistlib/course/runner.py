@@ -4,16 +4,20 @@
                 tiny: a random 4-bit Llama built on the tasks' texts), the data family's `Source`
     2. methods  each a name in `methods.enabled`, all scored by `gistlib.train.evaluate` on the same test episodes:
                 zero_shot      frozen base, query only
+                definition_only  frozen base, the task's definition (SNI) and the query, no demos
                 icl            frozen base, demos in context (full attention)
                 gisting        the base trained under the gist mask (Mu et al.); its gist K/V are the prefix
                 hyperllama     hyperpretraining, then multi-task training, once per seed (and per k of the sweep)
+                wrong_task_prefix  each episode read with HyperLlama's prefix of another task's episode: the
+                               control for how much of a gain is the answer format rather than the task
                 multitask_icl  a LoRA on the base trained on the same episodes with the demos in context
                 prefix_tuning  per test episode from random / vocab / hyperllama starts, 0..N steps
     3. report   compression (demo tokens per gist token, KV bytes), summary.json, results.md, plots
 
 Every trained model is cached under `run.cache_dir` with the settings that shaped it (settings.json): a
 second run reuses it, an interrupted one resumes, and one asked for with other settings is refused
-(naming the changed fields) or, with `run.retrain`, trained again.
+(naming the changed fields) or, with `run.retrain`, trained again. A model shipped in the repository
+(`run.shipped_dir`, written by `ship_models`) with exactly the settings asked for is loaded from there.
 """
 
 from __future__ import annotations
@@ -35,10 +39,20 @@ from gistlib.core.hyper import HyperLlama
 from gistlib.core.lm import LMTrainee
 from gistlib.data import pocket_tokenizer
 from gistlib.data.batches import gisting_batches, hyper_batches, hyperpretrain_batches, icl_batches
+from gistlib.data.files import REPO_ROOT
 from gistlib.data.render import render_hyper_input
 from gistlib.data.sources import Source, load_tasks, make_source, task_texts
 from gistlib.models.tiny import add_gist_tokens, build_tiny_llama, build_tokenizer, gist_token_ids
-from gistlib.train.evaluate import NORMALISATION, evaluate, gist_prefixes, hyper_prefixes, icl, with_prefixes, zero_shot
+from gistlib.train.evaluate import (
+    NORMALISATION,
+    definition_only,
+    evaluate,
+    gist_prefixes,
+    hyper_prefixes,
+    icl,
+    with_prefixes,
+    zero_shot,
+)
 from gistlib.train.loop import TrainConfig, train
 from gistlib.train.prefix_tuning import random_prefix, tune_prefixes, vocab_prefix
 
@@ -56,7 +70,18 @@ __all__ = [
     "check_run_settings",
     "check_cache_base",
     "word_ids_of",
+    "other_task_rows",
+    "ship_models",
+    "trained_model_dirs",
 ]
+
+TRAINED_FILES = (
+    "settings.json",
+    "final",
+    "hyperpretrain/metrics.jsonl",
+    "multitask/metrics.jsonl",
+    "run/metrics.jsonl",
+)
 
 
 # --- what a run loads once ------------------------------------------------------------------------
@@ -200,6 +225,57 @@ def check_run_settings(run: Path, settings: dict, retrain: bool = False) -> None
     path.write_text(json.dumps(settings, indent=1))
 
 
+def _run_folder(b: Bundle, name: str, settings: dict) -> tuple[Path, bool]:
+    """Where trained model `name` lives, and whether that is the shipped copy: `run.shipped_dir/name` when it was
+    trained with exactly `settings`, else `cache_dir/name` (trained there if absent)."""
+    if b.exp.run.shipped_dir:
+        shipped = REPO_ROOT / b.exp.run.shipped_dir / name
+        stamp = shipped / "settings.json"
+        if stamp.exists() and (shipped / "final").exists():
+            if json.loads(stamp.read_text()) == settings:
+                return shipped, True
+            print(f"{shipped} was trained with other settings than asked: using (or training) {b.cache / name}")
+    return b.cache / name, False
+
+
+def trained_model_dirs(exp: Experiment) -> list[str]:
+    """The folder names (under cache_dir) of the models `exp` trains: HyperLlama per seed and k, Gisting,
+    multitask ICL."""
+    names = []
+    if exp.runs("hyperllama") or exp.runs("prefix_tuning") or exp.runs("wrong_task_prefix"):
+        k0 = exp.hyper.num_gist_tokens
+        names += [f"hyper-k{k0}-s{s}" for s in exp.run.seeds]
+        names += [f"hyper-k{k}-s{exp.run.seeds[0]}" for k in exp.gist_counts if k != k0]
+    if exp.runs("gisting"):
+        names.append(f"gisting-k{exp.hyper.num_gist_tokens}")
+    if exp.runs("multitask_icl"):
+        names.append("multitask-icl")
+    return names
+
+
+def ship_models(exp: Experiment, dest: Path) -> list[Path]:
+    """Copy the trained models of `exp` from cache_dir into `dest` (what `run.shipped_dir` reads): per model its
+    settings.json, final weights and training logs; optimizer states and checkpoints stay behind. Each model is
+    copied to a temporary folder and renamed into place, so `dest` never holds half a model."""
+    out = []
+    for name in trained_model_dirs(exp):
+        src = Path(exp.run.cache_dir) / name
+        if not (src / "final").exists():
+            raise FileNotFoundError(f"{src}/final is missing: run `python -m gistlib run` with this config first")
+        tmp, final = dest / f".{name}.tmp", dest / name
+        shutil.rmtree(tmp, ignore_errors=True)
+        for rel in TRAINED_FILES:
+            if (src / rel).is_dir():
+                shutil.copytree(src / rel, tmp / rel)
+            elif (src / rel).exists():
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src / rel, tmp / rel)
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        out.append(final)
+    return out
+
+
 def _fingerprint(base_dir: Path) -> str:
     return hashlib.sha256((base_dir / "model.safetensors").read_bytes()).hexdigest()[:16]
 
@@ -258,7 +334,22 @@ def _read_log(path: Path) -> list[dict]:
 
 
 def _accuracy(method, episodes, b: Bundle) -> float:
-    return evaluate(method, episodes, b.tokenizer, b.fmt, b.exp.eval.batch_size, b.exp.eval.max_new_tokens).accuracy
+    """The validation score: accuracy (rank classification), or ROUGE-L for generated answers."""
+    res = evaluate(method, episodes, b.tokenizer, b.fmt, b.exp.eval.batch_size, b.exp.eval.max_new_tokens)
+    return res.rouge_l if res.rouge_l is not None else res.accuracy
+
+
+def other_task_rows(episodes) -> list[int]:
+    """For each episode, the index of the next episode (cyclically) of another task: whose prefix it reads in
+    the wrong-task control. Raises if every episode is of one task."""
+    n = len(episodes)
+    out = []
+    for e, ep in enumerate(episodes):
+        j = next((j % n for j in range(e + 1, e + n) if episodes[j % n].task != ep.task), None)
+        if j is None:
+            raise ValueError("wrong_task_prefix needs test episodes of at least two tasks")
+        out.append(j)
+    return out
 
 
 def _icl_method(model, b: Bundle, name: str = "icl"):
@@ -339,10 +430,11 @@ def train_hyper(b: Bundle, k: int, seed: int) -> tuple[HyperLlama, list[dict]]:
     """Hyperpretrain, then multi-task train one HyperLlama (cached in cache_dir/hyper-k{k}-s{seed})."""
     exp, tok = b.exp, b.tokenizer
     gist = b.gist_ids(k)
-    run = b.cache / f"hyper-k{k}-s{seed}"
     hcfg = replace(exp.hyper, num_gist_tokens=k, seed=seed)
     settings = _stamp(exp, {"model": None, "data": None, "train": HYPER_TRAIN_FIELDS}, hyper=to_json(hcfg))
-    check_run_settings(run, settings, exp.run.retrain)
+    run, shipped = _run_folder(b, f"hyper-k{k}-s{seed}", settings)
+    if not shipped:
+        check_run_settings(run, settings, exp.run.retrain)
     hyper = HyperLlama(b.fresh_base(), gist, hcfg)
     if (run / "final" / "hyper_config.json").exists():
         hyper.load_trainable(run / "final")
@@ -389,9 +481,14 @@ def train_hyper(b: Bundle, k: int, seed: int) -> tuple[HyperLlama, list[dict]]:
     return hyper.eval(), records
 
 
-def _lm_trainee(b: Bundle, run: Path, settings: dict, mask: str, lora_rank: int, k: int = 0) -> tuple[LMTrainee, bool]:
-    """A fresh base as an LMTrainee (loaded from run/final if cached); True if it still has to be trained."""
-    check_run_settings(run, settings, b.exp.run.retrain)
+def _lm_trainee(
+    b: Bundle, name: str, settings: dict, mask: str, lora_rank: int, k: int = 0
+) -> tuple[LMTrainee, Path, bool]:
+    """A fresh base as an LMTrainee (loaded from its folder's final/ if shipped or cached), the folder, and True
+    if it still has to be trained."""
+    run, shipped = _run_folder(b, name, settings)
+    if not shipped:
+        check_run_settings(run, settings, b.exp.run.retrain)
     trainee = LMTrainee(
         b.fresh_base(embed_gist_tokens=mask == "gist"), mask=mask, gist_token_ids=b.gist_ids(k) if k else None,
         lora_rank=lora_rank, lora_alpha=b.exp.hyper.lora_alpha,
@@ -399,7 +496,7 @@ def _lm_trainee(b: Bundle, run: Path, settings: dict, mask: str, lora_rank: int,
     cached = (run / "final" / "model.safetensors").exists() or (run / "final" / "adapter_model.safetensors").exists()
     if cached:
         trainee.load_trainable(run / "final")
-    return trainee, not cached
+    return trainee, run, not cached
 
 
 def gisting_method(model, episodes, b: Bundle, k: int):
@@ -411,12 +508,11 @@ def gisting_method(model, episodes, b: Bundle, k: int):
 def train_gisting(b: Bundle, k: int) -> tuple[LMTrainee, list[dict]]:
     """The base trained under the gist mask (Gisting; `train.adapter`: every weight or a LoRA); in gisting-k{k}."""
     exp, t = b.exp, b.exp.train
-    run = b.cache / f"gisting-k{k}"
     rank = exp.hyper.lora_rank if t.adapter == "lora" else 0
     fields = ("gisting_steps", "gisting_lr", "gisting_batch", "adapter", "grad_accum", "eval_every", "patience",
               "val_episodes")  # fmt: skip
     settings = _stamp(exp, {"model": None, "data": None, "train": fields}, k=k, lora_rank=rank)
-    trainee, todo = _lm_trainee(b, run, settings, "gist", rank, k)
+    trainee, run, todo = _lm_trainee(b, f"gisting-k{k}", settings, "gist", rank, k)
     if not todo:
         return trainee.eval(), _read_log(run / "run" / "metrics.jsonl")
     val = b.source.validation_episodes(t.val_episodes)
@@ -440,11 +536,10 @@ def train_multitask_icl(b: Bundle) -> tuple[LMTrainee, list[dict]]:
     """The paper's multi-task baseline with full attention over the demos: a LoRA (hyper.lora_rank) on the base,
     trained on the same episodes as the other methods with the demos in context; cache_dir/multitask-icl."""
     exp, t = b.exp, b.exp.train
-    run = b.cache / "multitask-icl"
     fields = ("multitask_steps", "multitask_lr", "multitask_batch", "grad_accum", "eval_every", "patience",
               "val_episodes")  # fmt: skip
     settings = _stamp(exp, {"model": None, "data": None, "train": fields}, lora_rank=exp.hyper.lora_rank)
-    trainee, todo = _lm_trainee(b, run, settings, "causal", exp.hyper.lora_rank)
+    trainee, run, todo = _lm_trainee(b, "multitask-icl", settings, "causal", exp.hyper.lora_rank)
     if not todo:
         return trainee.eval(), _read_log(run / "run" / "metrics.jsonl")
     val = b.source.validation_episodes(t.val_episodes)
@@ -556,10 +651,11 @@ def _by_group(result, groups: list[str]) -> dict[str, float]:
 
 def run_experiment(exp: Experiment, bundle: Bundle | None = None) -> dict:
     """Run every enabled method of `exp` on the same test episodes; the summary (also out_dir/summary.json)."""
+    from gistlib.threads import choose_threads  # run.threads, or the cores free now; prints which and how to change
+
     from .report import write_report
 
-    if exp.run.threads:
-        torch.set_num_threads(exp.run.threads)
+    torch.set_num_threads(choose_threads(exp.run.threads))
     t0 = time.perf_counter()
     out = Path(exp.run.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -583,6 +679,9 @@ def run_experiment(exp: Experiment, bundle: Bundle | None = None) -> dict:
     base = b.fresh_base()
     if exp.runs("zero_shot"):
         results["zero_shot"] = score(zero_shot(base, tok, fmt))
+    if exp.runs("definition_only"):
+        d = exp.data
+        results["definition_only"] = score(definition_only(base, tok, fmt, d.max_hyper_tokens + d.max_tokens))
     if exp.runs("icl"):
         results["icl"] = score(_icl_method(base, b))
     lap("baselines")
@@ -595,7 +694,7 @@ def run_experiment(exp: Experiment, bundle: Bundle | None = None) -> dict:
         lap("gisting")
 
     per_seed, sweep, main = {}, {}, None
-    if exp.runs("hyperllama") or exp.runs("prefix_tuning"):
+    if exp.runs("hyperllama") or exp.runs("prefix_tuning") or exp.runs("wrong_task_prefix"):
         runs = [(k0, s) for s in exp.run.seeds] + [(k, exp.run.seeds[0]) for k in exp.gist_counts if k != k0]
         for k, seed in tqdm(runs, desc="hyperllama runs", disable=not exp.run.progress):
             hyper, log = train_hyper(b, k, seed)
@@ -615,6 +714,11 @@ def run_experiment(exp: Experiment, bundle: Bundle | None = None) -> dict:
             "per_seed": per_seed,
             "mean_over_seeds": sum(accs) / len(accs),
         }
+        if exp.runs("wrong_task_prefix"):
+            hyper, prefixes = main
+            wrong = with_prefixes("wrong_task_prefix", hyper.base, prefixes.rows(other_task_rows(test)), tok, fmt)
+            with hyper.downstream_mode():
+                results["wrong_task_prefix"] = score(wrong)
         lap("hyperllama")
     ladder = prefix_ladder(b, main[0], main[1], test) if exp.runs("prefix_tuning") else {}
     lap("prefix_tuning")

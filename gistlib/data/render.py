@@ -44,6 +44,10 @@ class RenderFormat:
     query_input_prefix: str = "\nInput:\n"  # query: query_input_prefix x query_output_prefix | y EOS
     query_output_prefix: str = "\nOutput:\n"
     answer_prefix: str = ""  # text before the answer inside the labelled span (e.g. " " for BPE)
+    # what ends an answer: "" = the tokenizer's EOS token; text (e.g. "\n") = that text, for a base that ends
+    # answers in context so (an instruct tokenizer's EOS after an answer scores about -8 on SmolLM2, "\n" -0.1 to
+    # -1.2); generation then stops at any token holding it (`stop_token_ids`) and cuts the answer there
+    answer_end: str = ""
 
 
 VERBOSE = RenderFormat()
@@ -86,8 +90,28 @@ def query_ids(query: Example, tokenizer, fmt: RenderFormat) -> list[int]:
 
 
 def answer_ids(answer: str, tokenizer, fmt: RenderFormat = VERBOSE) -> list[int]:
-    """Ids of an answer (or of one answer choice, for rank classification) followed by EOS."""
-    return encode(tokenizer, fmt.answer_prefix + answer) + [tokenizer.eos_token_id]
+    """Ids of an answer (or of one answer choice, for rank classification) followed by its end: EOS, or the
+    ids of `fmt.answer_end` tokenized on their own."""
+    end = encode(tokenizer, fmt.answer_end) if fmt.answer_end else [tokenizer.eos_token_id]
+    return encode(tokenizer, fmt.answer_prefix + answer) + end
+
+
+def stop_token_ids(tokenizer, fmt: RenderFormat = VERBOSE) -> list[int]:
+    """Token ids that end a greedy answer: EOS, and with `fmt.answer_end` every token whose text holds it
+    (a BPE may merge "\n" with what follows it)."""
+    stops = {tokenizer.eos_token_id}
+    if fmt.answer_end:
+        vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+        stops |= {i for i, t in enumerate(vocab) if t and fmt.answer_end in tokenizer.convert_tokens_to_string([t])}
+    return sorted(stops)
+
+
+def answer_text(tokens: Sequence[int], tokenizer, fmt: RenderFormat = VERBOSE) -> str:
+    """A greedy answer's text: decoded without special tokens, cut at `fmt.answer_end`, stripped."""
+    text = tokenizer.decode([t for t in tokens if t != tokenizer.eos_token_id])
+    if fmt.answer_end:
+        text = text.split(fmt.answer_end)[0]
+    return text.strip()
 
 
 def choice_ids(query: Example, tokenizer, fmt: RenderFormat = VERBOSE) -> list[list[int]]:

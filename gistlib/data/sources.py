@@ -27,17 +27,23 @@ from pathlib import Path
 from .csvfile import read_ag_news, read_csv_classification
 from .episodes import Episode, EpisodeSampler, Task, load_tasks_jsonl
 from .files import LoadReport, shared_data_dir
-from .p3 import build_p3_task, load_templates, read_raw_rows
+from .p3 import build_p3_task, default_split, load_templates, read_raw_rows
 from .pocket import load_pocket_corpus, load_pocket_suite
 from .render import COMPACT, VERBOSE, RenderFormat, answer_ids, definition_ids, demo_ids, query_ids
 from .sni import load_sni_split, load_sni_task, sni_dir, sni_episode
-from .symbol import read_nli_jsonl, read_sst2, read_trec, symbol_episodes
+from .symbol import read_cr, read_dbpedia, read_nli_jsonl, read_sst2, read_subj, read_trec, symbol_episodes
 
-__all__ = ["Source", "load_tasks", "make_source", "task_texts", "fit_to_budget"]
+__all__ = ["Source", "load_tasks", "make_source", "task_texts", "fit_to_budget", "render_format"]
 
 log = logging.getLogger("gistlib.data.sources")
 
 FORMATS = {"compact": COMPACT, "verbose": VERBOSE}
+
+
+def render_format(data) -> RenderFormat:
+    """The layout of `data.format`, ended by `data.answer_end` (eos: the tokenizer's EOS; newline: "\\n")."""
+    fmt = FORMATS[data.format]
+    return replace(fmt, answer_end="\n") if getattr(data, "answer_end", "eos") == "newline" else fmt
 
 
 def _root(data) -> Path:
@@ -48,8 +54,10 @@ def _root(data) -> Path:
 
 
 def _p3_tasks(spec: str, data, report: LoadReport) -> list[Task]:
+    """`dataset[:split]`: a SuperGLUE task, `anli:r1`/`anli:r2`, or a P3 training dataset (`p3.P3_TRAINING`, e.g.
+    `dream`, `cos_e/v1.11`, `rotten_tomatoes:train`); the split defaults to `p3.default_split(dataset)`."""
     dataset, _, split = spec.partition(":")
-    split = split or "val"
+    split = split or default_split(dataset)
     root = _root(data)
     templates = [
         t
@@ -57,7 +65,7 @@ def _p3_tasks(spec: str, data, report: LoadReport) -> list[Task]:
         if t.original_task
     ]
     templates = templates[: data.max_templates] if data.max_templates else templates
-    rows = read_raw_rows(dataset, split, root)
+    rows = read_raw_rows(dataset, split, root, report)
     if data.max_rows:
         rows = random.Random(data.seed).sample(rows, min(data.max_rows, len(rows)))
     tasks = [build_p3_task(dataset, t, rows, data.seed, report) for t in templates]
@@ -95,6 +103,9 @@ def _classification_task(spec: str, data, report: LoadReport) -> Task:
         "cb": lambda: read_nli_jsonl(base / "cb" / "train.jsonl", "cb", report),
         "rte": lambda: read_nli_jsonl(base / "rte" / "train.jsonl", "rte", report),
         "ag_news": lambda: read_ag_news("train", base, report),
+        "cr": lambda: read_cr(base, report),  # CR, SUBJ: test splits (the only ones on disk)
+        "subj": lambda: read_subj(base, report),
+        "dbpedia": lambda: read_dbpedia(base, report),  # a 256-row sample, 14 classes
     }
     if spec not in readers:
         raise ValueError(f"data.family={data.family!r}: unknown dataset {spec!r}; known: {', '.join(readers)}")
@@ -224,7 +235,7 @@ class Source:
 
     @property
     def fmt(self) -> RenderFormat:
-        return FORMATS[self.data.format]
+        return render_format(self.data)
 
     @property
     def num_demos(self) -> int | None:
@@ -296,11 +307,22 @@ class Source:
         return [" ".join(task_texts([t])) for t in self.train]
 
 
+def _hold_out(train: list[Task], validation: list[Task], n: int, seed: int) -> tuple[list[Task], list[Task]]:
+    """Move `n` training tasks (a seeded choice) to validation, where the family has no validation split:
+    early stopping then reads tasks the model never trained on, and never the test tasks."""
+    if not n or validation:
+        return train, validation
+    if n >= len(train):
+        raise ValueError(f"data.validation_tasks={n} would leave no training task (there are {len(train)})")
+    held = set(random.Random(seed).sample(range(len(train)), n))
+    return [t for i, t in enumerate(train) if i not in held], [t for i, t in enumerate(train) if i in held]
+
+
 def make_source(data, tokenizer, num_gist_tokens: int, tasks: dict[str, list[Task]] | None = None) -> Source:
     """Load (or take `tasks`) and fit a family's train / validation / eval tasks to `tokenizer`'s budgets."""
     report = LoadReport()
     tasks = tasks or {w: load_tasks(data, w, report) for w in ("train", "validation", "eval")}
-    fmt = FORMATS[data.format]
+    fmt = render_format(data)
 
     def fit(ts):
         if data.family == "pocket":  # generated to fit
@@ -309,7 +331,9 @@ def make_source(data, tokenizer, num_gist_tokens: int, tasks: dict[str, list[Tas
             ts, tokenizer, fmt, data.max_hyper_tokens, data.max_tokens, num_gist_tokens, data.num_demos, report
         )
 
-    source = Source(data, fit(tasks["train"]), fit(tasks["validation"]), fit(tasks["eval"]), report)
+    train, validation = fit(tasks["train"]), fit(tasks["validation"])
+    train, validation = _hold_out(train, validation, getattr(data, "validation_tasks", 0), data.seed)
+    source = Source(data, train, validation, fit(tasks["eval"]), report)
     if not source.train:
         raise ValueError(
             f"data.family={data.family!r}: no training example fits data.max_tokens={data.max_tokens} "

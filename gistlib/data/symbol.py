@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Iterator, Sequence
+import re
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
+from .csvfile import read_classes
 from .episodes import Episode, Example, Task
-from .files import DataError, LoadReport, decode_text, handle, read_jsonl, shared_data_dir
+from .files import DataError, LoadReport, decode_text, handle, read_jsonl, require_text, shared_data_dir
 
 # unrelated words: common nouns/adjectives that are no label of any dataset here
 UNRELATED_WORDS = [
@@ -60,6 +62,8 @@ TREC_LABELS = {
     "NUM": "number",
 }
 SST2_LABELS = {"0": "negative", "1": "positive"}
+CR_LABELS = {"0": "negative", "1": "positive"}  # label ids as in yaolu/ordered-prompt's config/cr.yaml
+SUBJ_LABELS = {"0": "subjective", "1": "objective"}  # and config/subj.yaml
 
 
 # ----------------------------------------------------------------------------- readers
@@ -135,6 +139,68 @@ def read_nli_jsonl(path: str | os.PathLike, name: str, report: LoadReport | None
     return _finish(Task(name, examples, family="classification"), report)
 
 
+def unquote_csv_field(text: str) -> tuple[str, bool]:
+    """(text, changed): a field still wrapped in CSV quotes (`"a ""b"" c"`) -> `a "b" c`; other text as it is.
+
+    The yaolu/ordered-prompt JSONL copies of CR and SUBJ kept LM-BFF's CSV quoting: 969 of CR's 2,000 sentences and
+    1,339 of SUBJ's are wrapped in quotes, with the quote marks inside doubled."""
+    if len(text) >= 2 and text[0] == text[-1] == '"' and '"' not in text[1:-1].replace('""', ""):
+        return text[1:-1].replace('""', '"'), True
+    return text, False
+
+
+def read_sentence_jsonl(
+    path: str | os.PathLike, name: str, labels: Mapping[str, str], report: LoadReport | None = None
+) -> Task:
+    """JSONL rows `{"sentence", "label"}` (label a string key of `labels`) -> Task `name`, outputs the label words.
+
+    Sentences are stripped and unquoted (`unquote_csv_field`; how many: `task.meta["unquoted"]`). A row with a
+    missing or non-string field, an empty sentence or an unknown label raises `DataError` with the file and line,
+    or, with `report`, is counted there and left out."""
+    examples, unquoted = [], 0
+    for lineno, row in read_jsonl(path, task=name, report=report):
+        where = {"file": path, "line": lineno, "task": name}
+        try:
+            sentence = require_text(row, "sentence", **where, empty="empty_input")
+            label = require_text(row, "label", **where)
+            if label not in labels:
+                known = ", ".join(labels)
+                raise DataError(f"unknown label {label!r} (known: {known})", field="label", **where, reason="bad_label")
+        except DataError as e:
+            handle(e, report)
+            continue
+        text, changed = unquote_csv_field(sentence.strip())
+        unquoted += changed
+        examples.append(Example(text, labels[label]))
+    task = Task(name, examples, family="classification", meta={"source": str(path), "unquoted": unquoted})
+    return _finish(task, report)
+
+
+def read_cr(root: str | os.PathLike | None = None, report: LoadReport | None = None) -> Task:
+    """CR (customer reviews, Hu & Liu 2004), test split: Task 'cr', outputs 'negative'/'positive'."""
+    return read_sentence_jsonl(_classification_dir(root) / "cr" / "test.jsonl", "cr", CR_LABELS, report)
+
+
+def read_subj(root: str | os.PathLike | None = None, report: LoadReport | None = None) -> Task:
+    """SUBJ (Pang & Lee 2004), test split: Task 'subj', outputs 'subjective'/'objective'."""
+    return read_sentence_jsonl(_classification_dir(root) / "subj" / "test.jsonl", "subj", SUBJ_LABELS, report)
+
+
+def class_words(name: str) -> str:
+    """A CamelCase class name as words, the way promptsource's dbpedia_14 answer choices spell them:
+    'MeanOfTransportation' -> 'Mean Of Transportation'."""
+    return re.sub(r"(?<=[a-z])(?=[A-Z])", " ", name)
+
+
+def read_dbpedia(root: str | os.PathLike | None = None, report: LoadReport | None = None) -> Task:
+    """The 256-row DBpedia-14 sample (contents only, no titles): Task 'dbpedia', outputs the 14 class names of
+    `classes.txt` as words (label "1" is the first line)."""
+    base = _classification_dir(root) / "dbpedia"
+    names = read_classes(base / "classes.txt")
+    labels = {str(i): class_words(n) for i, n in enumerate(names, start=1)}
+    return read_sentence_jsonl(base / "dev_subsample.jsonl", "dbpedia", labels, report)
+
+
 def _finish(task: Task, report: LoadReport | None) -> Task:
     if report is not None:
         report.loaded += len(task.examples)
@@ -142,13 +208,17 @@ def _finish(task: Task, report: LoadReport | None) -> Task:
 
 
 def classification_tasks(root: str | os.PathLike | None = None) -> list[Task]:
-    """SST-2, TREC, CB and RTE training sets as classification tasks with real label words."""
+    """SST-2, TREC, CB and RTE training sets, CR and SUBJ test sets and the DBpedia sample as classification tasks
+    with real label words."""
     base = _classification_dir(root)
     return [
         read_sst2("train", base),
         read_trec("train", base),
         read_nli_jsonl(base / "cb" / "train.jsonl", "cb"),
         read_nli_jsonl(base / "rte" / "train.jsonl", "rte"),
+        read_cr(base),
+        read_subj(base),
+        read_dbpedia(base),
     ]
 
 

@@ -10,17 +10,20 @@ A *method* turns an (episode, query) pair into a model input and scores it. Four
 Classification (queries with `choices`) is rank classification: every choice is scored by the *sum*
 of log-probabilities of its tokens and EOS (no length normalisation; pocket choices are all one token
 plus EOS), the best one is the prediction. Generation (no choices) is greedy decoding, scored by exact
-match and ROUGE-L against the references (`gistlib.data.metrics`).
+match and ROUGE-L against the references (`gistlib.data.metrics`); an answer ends at EOS or at the
+format's `answer_end` (e.g. a newline, for a base whose instruct EOS does not follow answers in context).
 
 Accuracy is averaged per episode first (each episode has the same number of queries); the 95% interval
-is a percentile bootstrap over episodes.
+is a percentile bootstrap over episodes. Generation's intervals (exact match and ROUGE-L) resample
+episodes (one per task on SNI) and then the instances within each (`two_level_interval`), and every
+episode gets its own interval over its instances (`per_task`).
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -36,11 +39,12 @@ from gistlib.core.prefix import (
 from gistlib.core.scoring import sequence_logprobs
 from gistlib.data import IGNORE, Episode, Example, RenderFormat, collate, render_downstream_prompt, render_icl_prompt
 from gistlib.data.metrics import exact_match, rouge_l
-from gistlib.data.render import answer_ids, query_ids, render_hyper_input
+from gistlib.data.render import answer_ids, answer_text, query_ids, render_hyper_input, stop_token_ids
 
 __all__ = [
     "Method",
     "zero_shot",
+    "definition_only",
     "icl",
     "gisting",
     "with_prefixes",
@@ -52,6 +56,7 @@ __all__ = [
     "generate_ids",
     "EvalResult",
     "bootstrap_interval",
+    "two_level_interval",
 ]
 
 NORMALISATION = "sum of token log-probabilities over the choice and EOS (no length normalisation)"
@@ -94,6 +99,16 @@ def zero_shot(model, tokenizer, fmt: RenderFormat) -> Method:
     return Method(
         "zero_shot",
         lambda e, ep, q: render_downstream_prompt(q, tokenizer, fmt, task=ep.task),
+        _causal_logits(model),
+        model,
+    )
+
+
+def definition_only(model, tokenizer, fmt: RenderFormat, max_tokens: int = 1024) -> Method:
+    """The base model on `[BOS] definition query`: zero-shot with the task's instruction (SNI) but no demos."""
+    return Method(
+        "definition_only",
+        lambda e, ep, q: render_icl_prompt(replace(ep, demos=[]), q, tokenizer, fmt, max_tokens, reserve=8),
         _causal_logits(model),
         model,
     )
@@ -188,6 +203,25 @@ class EvalResult:
         return {**d, **self.extra}
 
 
+def two_level_interval(groups: Sequence[Sequence[float]], samples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile bootstrap interval of the mean over groups of per-group means, resampling the groups
+    (tasks) and then the values (instances) inside each drawn group: both sources of sampling error."""
+    groups = [list(g) for g in groups if len(g)]
+    if not groups:
+        return (float("nan"), float("nan"))
+    rng = random.Random(seed)
+    n = len(groups)
+    means = []
+    for _ in range(samples):
+        total = 0.0
+        for _ in range(n):
+            g = groups[rng.randrange(n)]
+            total += sum(g[rng.randrange(len(g))] for _ in g) / len(g)
+        means.append(total / n)
+    means.sort()
+    return means[int(0.025 * samples)], means[int(0.975 * samples) - 1]
+
+
 def bootstrap_interval(values: Sequence[float], samples: int = 2000, seed: int = 0) -> tuple[float, float]:
     """95% percentile bootstrap interval of the mean (resampling episodes)."""
     if not values:
@@ -249,7 +283,7 @@ def generate_ids(
     owners: Sequence[int],
     prompts: Sequence[Sequence[int]],
     max_new_tokens: int,
-    eos_token_id: int | None,
+    eos_token_id: int | Sequence[int] | None,
     pad_token_id: int,
     batch_size: int = 64,
     device: torch.device | str = "cpu",
@@ -294,16 +328,16 @@ def _rank_classification(method: Method, items, tokenizer, fmt, batch_size) -> l
     return [q.choices[int(s.argmax())] == q.output for (_, _, q), s in zip(items, scores)]
 
 
-def _generation(method: Method, items, tokenizer, batch_size, max_new_tokens) -> tuple[list[float], list[float]]:
-    """Greedy answers; returns exact match and ROUGE-L per item (best over references)."""
+def _generation(method: Method, items, tokenizer, fmt, batch_size, max_new_tokens) -> tuple[list[float], list[float]]:
+    """Greedy answers (ended by `stop_token_ids`); returns exact match and ROUGE-L per item (best over references)."""
     rows = (lambda idx: method.prefixes.rows(idx)) if method.prefixes is not None else (lambda idx: None)
     outs = generate_ids(
         method.model, rows, [e for e, _, _ in items], [method.prompt(e, ep, q) for e, ep, q in items],
-        max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id, batch_size, model_device(method.model),
+        max_new_tokens, stop_token_ids(tokenizer, fmt), tokenizer.pad_token_id, batch_size, model_device(method.model),
     )  # fmt: skip
     em, rl = [], []
     for (_, _, q), out in zip(items, outs):
-        text = tokenizer.decode([t for t in out if t != tokenizer.eos_token_id]).strip()
+        text = answer_text(out, tokenizer, fmt)
         em.append(exact_match(text, q.all_references))
         rl.append(rouge_l(text, q.all_references))
     return em, rl
@@ -318,26 +352,38 @@ def evaluate(
     max_new_tokens: int = 16,
     seed: int = 0,
 ) -> EvalResult:
-    """Accuracy per episode (rank classification, or exact match for generation), mean and 95% interval."""
+    """Accuracy per episode (rank classification, or exact match for generation), mean and 95% interval.
+
+    Generation also reports ROUGE-L, the two-level intervals of both metrics, and `per_task`: per episode,
+    {task, exact_match, rouge_l, rouge_l_ci95} (its interval resamples the episode's instances)."""
     items = [(e, ep, q) for e, ep in enumerate(episodes) for q in ep.queries]
     classify = [it for it in items if it[2].choices]
     generate = [it for it in items if not it[2].choices]
     per_item: dict[tuple[int, int], float] = {}
-    rouge: list[float] = []
+    rouge_of: dict[tuple[int, int], float] = {}
     if classify:
         for it, ok in zip(classify, _rank_classification(method, classify, tokenizer, fmt, batch_size)):
             per_item[(it[0], id(it[2]))] = float(ok)
     if generate:
-        em, rl = _generation(method, generate, tokenizer, batch_size, max_new_tokens)
-        for it, m in zip(generate, em):
+        em, rl = _generation(method, generate, tokenizer, fmt, batch_size, max_new_tokens)
+        for it, m, r in zip(generate, em, rl):
             per_item[(it[0], id(it[2]))] = float(m > 0)
-        rouge = rl
-    per_episode = []
-    for e, ep in enumerate(episodes):
-        vals = [per_item[(e, id(q))] for q in ep.queries]
-        per_episode.append(sum(vals) / len(vals))
+            rouge_of[(it[0], id(it[2]))] = r
+    scores = [[per_item[(e, id(q))] for q in ep.queries] for e, ep in enumerate(episodes)]
+    per_episode = [sum(v) / len(v) for v in scores]
     low, high = bootstrap_interval(per_episode, seed=seed)
     acc = sum(per_episode) / len(per_episode)
-    return EvalResult(
-        method.name, per_episode, acc, low, high, len(per_episode), rouge_l=(sum(rouge) / len(rouge)) if rouge else None
-    )
+    result = EvalResult(method.name, per_episode, acc, low, high, len(per_episode))
+    if generate:
+        rouge = [[rouge_of[(e, id(q))] for q in ep.queries if (e, id(q)) in rouge_of] for e, ep in enumerate(episodes)]
+        result.rouge_l = sum(map(sum, rouge)) / sum(map(len, rouge))
+        result.low, result.high = two_level_interval(scores, seed=seed)
+        result.extra = {
+            "rouge_l_ci95": list(two_level_interval(rouge, seed=seed)),
+            "per_task": [
+                {"task": ep.task, "exact_match": em_e, "rouge_l": sum(r) / len(r),
+                 "rouge_l_ci95": list(bootstrap_interval(r, seed=seed))}
+                for ep, em_e, r in zip(episodes, per_episode, rouge) if r
+            ],
+        }  # fmt: skip
+    return result
