@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: main test setup smol
+.PHONY: main test setup smol smol-rebuild
 setup: $(VENV)/.installed
 
 # torch first, pinned: on a CPU-only machine `torch==2.13.0` is the CPU wheel; anything unpinned, or
@@ -28,9 +28,17 @@ $(VENV)/.installed: pyproject.toml
 main: setup
 	$(BIN)/python -m gistlib run configs/pocket.json
 
-# the smol tier: HyperLlama and every baseline on SmolLM2-135M and real SNI tasks (CPU; 6-8 s per training step)
+# the smol tier: HyperLlama and every baseline on SmolLM2-135M and real SNI tasks, evaluating the trained
+# adapters shipped in data/smol (data/smol/README.md); about 40 min on one CPU thread
 smol: setup
 	$(BIN)/python -m gistlib run configs/smol.json
+
+# retrain the shipped smol adapters from scratch (1 thread: about 1 h each, the two can run side by side) and
+# copy them into data/smol (settings, final weights and training logs; no checkpoints)
+smol-rebuild: setup
+	$(BIN)/python -m gistlib run configs/smol.json --set run.shipped_dir= run.cache_dir=runs/smol-rebuild \
+	  'methods.enabled=["hyperllama","multitask_icl"]' run.out_dir=results/smol-rebuild
+	$(BIN)/python -m gistlib ship configs/smol.json --set run.cache_dir=runs/smol-rebuild
 
 # pytest exits 5 when it collects no test: that is a failure too.
 test: setup

@@ -28,10 +28,11 @@ from functools import partial
 
 import torch
 from _common import BENCH, REPO, print_table, setup, time_paired, write_json
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache, LlamaForCausalLM
 
 from gistlib.core.hyper import HyperConfig, HyperLlama
 from gistlib.core.prefix import Prefix, forward_with_prefix
+from gistlib.models.smol import smol_shaped_config
 from gistlib.serve import PrefixStore
 from gistlib.train.evaluate import generate_ids
 
@@ -42,22 +43,6 @@ STREAM_TASKS, STREAM_REQUESTS, STREAM_BATCH = 1000, 20_000, 8
 
 
 # --- models ------------------------------------------------------------------------------------
-
-
-def smol_shape_config() -> LlamaConfig:
-    """SmolLM2-135M's shape (DESIGN 5): hidden 576, 30 layers, 9 heads / 3 kv heads, MLP 1536, vocab 49,152."""
-    return LlamaConfig(
-        vocab_size=49_152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        max_position_embeddings=8192,
-        rope_parameters={"rope_type": "default", "rope_theta": 100_000.0},
-        tie_word_embeddings=True,
-        attn_implementation="sdpa",
-    )
 
 
 def load_model(name: str):
@@ -71,7 +56,7 @@ def load_model(name: str):
     if name == "smol_shape":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            model = LlamaForCausalLM(smol_shape_config())
+            model = LlamaForCausalLM(smol_shaped_config())
         return model.float().eval(), list(range(49_152, 49_152 + K))  # HyperLlama's own gist table: ids need not exist
     if name == "smol":
         from gistlib.models.loading import load_llama

@@ -112,7 +112,8 @@ plot_mask(mask, labels, title=f"gist mask, k={K}")
 # %%
 import matplotlib.pyplot as plt
 
-fig, axes = plt.subplots(1, 3, figsize=(16, 5.5))
+# 10 inches: as wide as a notebook in a 1400 px window, so the browser does not shrink the figure (and its text)
+fig, axes = plt.subplots(1, 3, figsize=(10, 4.2))
 for ax, (name, m) in zip(axes, [("positive control (causal)", positive_control_mask(ids)),
                                 ("gist", mask), ("negative control", negative_control_mask(ids, GIST))]):
     plot_mask(m, labels, title=name, ax=ax)
@@ -147,7 +148,8 @@ plot_mask(m, token_labels(tok, b["input_ids"][0], GIST), title="row 0 of a right
 from gistlib.course.widgets import mask_widget
 
 b = collate([short, long_], tok.pad_token_id, padding_side="left")
-mask_widget(b["input_ids"], GIST, token_labels(tok, b["input_ids"][0], GIST), pad_token_id=tok.pad_token_id);
+row_labels = [token_labels(tok, r, GIST) for r in b["input_ids"]]  # each row's own tokens
+mask_widget(b["input_ids"], GIST, row_labels, pad_token_id=tok.pad_token_id);
 
 # %% [markdown]
 # ## The pitfall: a boolean 4-D mask under eager attention

@@ -179,7 +179,7 @@ frozen_before = {n: p for n, p in start.base.named_parameters() if "lora_" not i
 after = dict(hyper.base.named_parameters())
 changed_base = [n for n, p in frozen_before.items() if not torch.equal(p, after[n])]
 now = hyper.trainable_state()
-moved = {n: float((now[n].detach() - p).abs().max()) for n, p in start.trainable_state().items()}
+moved = {n: float((now[n] - p).detach().abs().max()) for n, p in start.trainable_state().items()}
 print(f"base tensors compared: {len(frozen_before)}, changed: {len(changed_base)}")
 print(f"trainable tensors that moved: {sum(v > 0 for v in moved.values())} of {len(moved)}"
       f" (gist embeddings moved by up to {moved['gist_embeddings']:.3g})")
@@ -196,6 +196,7 @@ del start
 # trains longer; lessons 5 and 6 use that model.
 
 # %%
+from gistlib.course.lesson import tier_note
 from gistlib.course.runner import hyper_prefix_method
 from gistlib.train.evaluate import evaluate, icl, zero_shot
 
@@ -212,6 +213,7 @@ with torch.no_grad():
 for name, r in acc.items():
     print(f"{name:<11} {r.accuracy:.3f} [{r.low:.3f}, {r.high:.3f}]")
 RESULTS["accuracy"] = {name: r.accuracy for name, r in acc.items()}
+tier_note(TIER, "these accuracies are chance, whatever the method")
 
 # %%
 # the key numbers, machine-readable (tests/test_notebooks.py asserts them)

@@ -105,12 +105,18 @@ RESULTS["prefix_shape"] = list(prefixes.keys.shape)
 
 # %% [markdown]
 # ## Browse a prefix: task, layer, head, keys or values
+# Layer 0 is the same for every task: there a gist token's key and value are projections of its own embedding,
+# made before any attention has read the demos (the demos reach the gists from layer 1 on). So the picture starts
+# at the layer where the rows differ most, `most_distinct_layer`. Every prefix also shares a large common part;
+# "minus the mean over rows" removes it and leaves what is specific to one task and demo set.
 
 # %%
 from gistlib.course.viz import plot_prefix_slice
-from gistlib.course.widgets import prefix_widget
+from gistlib.course.widgets import most_distinct_layer, prefix_widget
 
-plot_prefix_slice(prefixes, row=0, layer=0, head=0, kind="keys")
+LAYER = most_distinct_layer(prefixes)
+print(f"the rows differ most in layer {LAYER}")
+plot_prefix_slice(prefixes, row=0, layer=LAYER, head=0, kind="keys")
 
 # %%
 prefix_widget(prefixes, names);
@@ -162,6 +168,7 @@ plot_projection(points, [n.split("/")[0] for n in names], title="the same points
 # %%
 from dataclasses import replace
 
+from gistlib.course.lesson import tier_note
 from gistlib.course.viz import plot_prefix_change, prefix_change, prefixes_by_demo_count
 from gistlib.train.evaluate import evaluate, with_prefixes
 
@@ -177,7 +184,12 @@ with hyper.downstream_mode():
 print("demos read:     ", counts)
 print("query accuracy: ", [round(a, 2) for a in acc_by_count])
 RESULTS["change_no_demos"], RESULTS["change_all_demos"] = float(change[:, 0].mean()), float(change[:, -1].mean())
+tier_note(TIER, "the accuracy does not move with the number of demos")
 plot_prefix_change(change, counts, title=f"{ep.task}: prefix vs demos read")
+
+# %% [markdown]
+# Layer 0's line lies flat at 0, whatever the demos: its gist keys and values never see them (above). Every
+# later layer starts far from the all-demos prefix and comes closer as demos are added.
 
 # %% [markdown]
 # ## The playground
@@ -200,6 +212,7 @@ table = playground(hyper, tok, DEMOS, QUERIES)
 print("\n" + DEMOS + "\n")
 print(format_playground(table))
 RESULTS["playground_rows"] = len(table["rows"])
+tier_note(TIER, "every method gives about the same answer to every query, a guess")
 
 # %%
 playground_widget(hyper, tok, DEMOS, QUERIES);

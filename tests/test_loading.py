@@ -109,6 +109,21 @@ def test_nf4_backward_reaches_inputs_and_leaves_base_untouched(tiny_checkpoint):
         assert torch.equal(p.detach(), before[n]), n
 
 
+def test_nf4_backward_still_reaches_inputs_after_an_eval_pass(tiny_checkpoint):
+    """bitsandbytes repacks a 4-bit weight for a backward-less CPU kernel on its first eval, no-grad pass (on
+    AVX512-BF16 CPUs): `load_llama` switches that off, so validation during training keeps gradients flowing."""
+    path, _ = tiny_checkpoint
+    model = load_llama(path, quantization="nf4")
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and not any(m.support_avx512bf16_for_cpu for m in layers)
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        model.eval()(input_ids=ids)  # the validation pass
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+    model.train()(inputs_embeds=embeds, labels=ids).loss.backward()
+    assert embeds.grad is not None and embeds.grad.abs().sum() > 0
+
+
 def test_float_load_is_frozen_and_exact(tiny_checkpoint):
     path, float_model = tiny_checkpoint
     model = load_llama(path, quantization=None, dtype=torch.float32, gradient_checkpointing=False)

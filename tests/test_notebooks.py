@@ -33,8 +33,10 @@ THREAD_ENV = {
 }
 
 
-def test_there_are_seven_lessons():
-    assert [p.name[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04", "05", "06", "07"]
+def test_the_lessons_are_numbered_in_order():
+    """01 to 07 at least (the course), then any later lesson, with no number missing."""
+    numbers = [p.name[:2] for p in NOTEBOOKS]
+    assert len(numbers) >= 7 and numbers == [f"{i:02d}" for i in range(1, len(numbers) + 1)], numbers
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -125,6 +127,15 @@ def test_tier_values_come_from_the_config(path):
     assert "0: the tier" not in cell.source and "[]: the tier" not in cell.source
 
 
+def smoke_parameters(path: Path, run_dir: Path) -> dict:
+    """The parameters that run lesson `path` in the smoke tier on one thread, its models under `run_dir` (shared
+    by all lessons, as a learner's runs/); tests/test_browser.py runs the lessons in JupyterLab with them too."""
+    params = {"TIER": "smoke", "THREADS": 1, **SMOKE_PARAMETERS.get(path.stem, {})}
+    if "RUN_DIR" in parameter_names(path):
+        params["RUN_DIR"] = str(run_dir)
+    return params
+
+
 def test_unknown_parameter_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="NO_SUCH_PARAMETER"):
         run_notebook(NOTEBOOKS[0], tmp_path, TIER="smoke", NO_SUCH_PARAMETER=1)
@@ -143,9 +154,7 @@ def smoke_runs(tmp_path_factory):
         if path.stem in NEEDS_SHARED_DATA and not shared_data_dir().exists():
             results[path.stem] = pytest.skip.Exception(f"{shared_data_dir()} is absent (real datasets for the recipe)")
             continue
-        params = {"TIER": "smoke", "THREADS": 1, **SMOKE_PARAMETERS.get(path.stem, {})}
-        if "RUN_DIR" in parameter_names(path):
-            params["RUN_DIR"] = str(out / "runs")
+        params = smoke_parameters(path, out / "runs")
         try:
             results[path.stem] = run_notebook(path, out, **params)
         except Exception as err:  # reported by that notebook's own test, not by every test of the module
@@ -228,6 +237,6 @@ def test_07_llama2_4bit(smoke_runs):
     assert r["base_frozen"] is True and math.isfinite(r["final_loss"]) and r["steps"] >= 1
     assert 5 < r["llama2_7b_nf4_estimate_gib"] < 24
     assert 0.0 <= r["eval_mean"] <= 100.0
-    assert set(r["accuracy"]) == {"zero_shot", "icl", "multitask_icl", "gisting", "hyperllama"}  # every method
+    assert {"zero_shot", "icl", "multitask_icl", "gisting", "hyperllama"} <= set(r["accuracy"])  # every method
     assert set(r["prefix_tuning"]) == {f"prefix_tuning_{s}" for s in ("random", "vocab", "hyperllama")}
     assert all(0.0 <= a <= 1.0 for a in r["accuracy"].values())

@@ -50,7 +50,12 @@ def test_every_method_produced_a_number(smoke):
         entry = summary["methods"][name]
         assert 0.0 <= entry["ci95"][0] <= entry["accuracy"] <= entry["ci95"][1] <= 1.0
         assert entry["n_episodes"] == exp.eval.test_episodes
-    assert set(summary["methods"]["hyperllama"]["per_seed"]) == {str(s) for s in exp.run.seeds}
+    for name in ("hyperllama", "gisting"):  # every seed, and their mean and spread
+        entry = summary["methods"][name]
+        per = [v["accuracy"] for v in entry["per_seed"].values()]
+        assert set(entry["per_seed"]) == {str(s) for s in exp.run.seeds} and len(per) >= 2
+        assert entry["mean_over_seeds"] == pytest.approx(sum(per) / len(per))
+        assert entry["spread_over_seeds"] == pytest.approx(max(per) - min(per))
     for start in STARTS:
         assert set(summary["prefix_tuning"][start]) == {str(b) for b in exp.methods.prefix_budgets}
     assert set(summary["gist_sweep"]) == {str(k) for k in exp.gist_counts}
@@ -103,9 +108,9 @@ def test_shipped_models_are_loaded_instead_of_trained(smoke, tmp_path):
         exp, run=run, train=replace(exp.train, gisting_lr=0.5), methods=replace(exp.methods, enabled=("gisting",))
     )
     run_experiment(changed)
-    assert (cache / f"gisting-k{exp.hyper.num_gist_tokens}" / "final").exists()  # trained into the cache
+    assert (cache / f"gisting-k{exp.hyper.num_gist_tokens}-s0" / "final").exists()  # trained into the cache
     assert (
-        json.loads((shipped / f"gisting-k{exp.hyper.num_gist_tokens}" / "settings.json").read_text())["train"][
+        json.loads((shipped / f"gisting-k{exp.hyper.num_gist_tokens}-s0" / "settings.json").read_text())["train"][
             "gisting_lr"
         ]
         == exp.train.gisting_lr
@@ -118,7 +123,7 @@ def test_the_same_settings_in_a_fresh_folder_give_the_same_numbers(smoke, tmp_pa
     fresh = run_experiment(_smoke(tmp_path, f"run.threads={torch.get_num_threads()}"))
     assert {n: fresh["methods"][n] for n in SCORED} == {n: first["methods"][n] for n in SCORED}
     losses = lambda s, key: [(r["step"], r["loss"], r.get("eval")) for r in s["logs"][key]]  # not tokens/s
-    for key in ("gisting", "multitask_icl", "hyperllama_seed0", "hyperllama_seed1"):
+    for key in ("gisting_seed0", "gisting_seed1", "multitask_icl", "hyperllama_seed0", "hyperllama_seed1"):
         assert losses(fresh, key) == losses(first, key), key
 
 
@@ -126,7 +131,7 @@ def test_a_cached_model_of_other_settings_is_refused_or_retrained(smoke):
     exp, _ = smoke
     changed = replace(exp, train=replace(exp.train, gisting_lr=0.5))
     with pytest.raises(
-        RuntimeError, match=r"gisting-k2 was trained with other settings \(train\.gisting_lr: 0\.001 -> 0\.5\)"
+        RuntimeError, match=r"gisting-k2-s0 was trained with other settings \(train\.gisting_lr: 0\.001 -> 0\.5\)"
     ):
         run_experiment(replace(changed, methods=replace(exp.methods, enabled=("gisting",))))
     other = replace(exp, hyper=replace(exp.hyper, distill_weight=0.0))
@@ -211,7 +216,7 @@ def test_every_method_runs_on_a_tiny_4bit_model(name, tmp_path):
         if name == "sni":
             assert 0.0 <= entry["rouge_l"] <= 1.0  # generation: ROUGE-L and exact match
     assert set(summary["prefix_tuning"]) == set(STARTS)
-    for key in ("gisting", "multitask_icl", "hyperllama_seed0"):
+    for key in ("gisting_seed0", "multitask_icl", "hyperllama_seed0"):
         log = summary["logs"][key]
         assert log and all(math.isfinite(r["loss"]) for r in log), key
     assert json.loads((Path(exp.run.out_dir) / "summary.json").read_text())["methods"] == summary["methods"]
@@ -250,6 +255,9 @@ def test_a_classification_csv_runs_every_method(tmp_path):
     summary = run_experiment(exp)
     assert summary["data"]["train_tasks"] == 1 and summary["data"]["test_tasks"] == 1
     for method in SCORED:
+        if method == "wrong_task_prefix":  # one test task: no other task's prefix to read, said and recorded
+            assert method not in summary["methods"] and "one task" in summary["skipped_methods"][method]
+            continue
         assert 0.0 <= summary["methods"][method]["accuracy"] <= 1.0, method
     assert list(summary["methods"]["icl"]["by_group"]) == ["test_data"]
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 import pytest
 import torch
 from test_prefix import pad_batch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 from transformers.models.llama import modeling_llama
 
 from gistlib.core.masks import make_gist_mask
@@ -174,33 +174,13 @@ def load_smol(folder, impl: str, dtype: torch.dtype = torch.float32) -> tuple[Ll
     return model.to(dtype), gist
 
 
-def smol_shaped_config() -> LlamaConfig:
-    """SmolLM2-135M's architecture: hidden 576, 30 layers, 9 heads, 3 KV heads, MLP 1536, vocab 49,152, rope
-    theta 1e5, tied embeddings (the numbers `tests/test_smol.py` checks on the real checkpoint)."""
-    return LlamaConfig(
-        vocab_size=49_152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        max_position_embeddings=8192,
-        rms_norm_eps=1e-5,
-        rope_parameters={"rope_type": "default", "rope_theta": 100_000.0},
-        tie_word_embeddings=True,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-    )
-
-
 @pytest.fixture(scope="module")
 def random_smol():
     """A randomly initialised SmolLM2-shaped model (seed 0) with K gist rows: (model, gist ids, rows)."""
     torch.set_num_threads(1)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = LlamaForCausalLM(smol_shaped_config()).float().eval()
+        model = LlamaForCausalLM(smol.smol_shaped_config()).float().eval()
         gist = grow_gist_rows(model)
     return model, gist, random_token_rows(49_152)
 

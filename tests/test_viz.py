@@ -204,3 +204,111 @@ def test_the_prefix_widget_opens_where_tasks_differ():
     assert most_distinct_layer(Prefix(keys, values)) == 1
     keys[1, 1] -= 10.0
     assert most_distinct_layer(Prefix(keys, values)) != 0
+
+
+def _texts_below(fig, points: float) -> list[tuple[str, float]]:
+    """Every visible piece of text in `fig` set smaller than `points`."""
+    from matplotlib.text import Text
+
+    fig.canvas.draw()  # tick labels exist once drawn
+    found = [(t.get_text(), t.get_fontsize()) for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
+    return [(text, size) for text, size in found if size < points]
+
+
+def test_figure_text_is_readable():
+    """No text in the lessons' figures under viz.SMALL_FONT points (10-11 px at the notebooks' 90-100 dpi)."""
+    mask = make_gist_mask(ROWS, GISTS, PAD)
+    p = _prefix(B=6)
+    attn = torch.rand(2, 1, 2, 8, 8).softmax(-1)
+    figures = {
+        "mask": viz.plot_mask(mask, labels=list("sabcGGqr")),
+        "attention": viz.plot_attention(attn, labels=list("sabcGGqr")),
+        "norms": viz.plot_prefix_norms(p),
+        "similarity": viz.plot_similarity(viz.prefix_similarity(p), labels=list("abcdef")),
+        "projection": viz.plot_projection(viz.project_2d(p), list("aabbcc"), names=list("abcdef")),
+        "slice": viz.plot_prefix_slice(p),
+        "change": viz.plot_prefix_change(viz.prefix_change(p), list(range(6))),
+        "loss": viz.plot_loss_curves({"a": [{"step": i, "loss": 1 / (i + 1), "eval": 0.5} for i in range(5)]}),
+    }
+    small = {name: _texts_below(fig, viz.SMALL_FONT) for name, fig in figures.items()}
+    assert not any(small.values()), {k: v for k, v in small.items() if v}
+
+
+def test_attention_spread_and_its_note():
+    """Maps that look alike (a near-random model) get a note; maps that differ do not."""
+    from gistlib.course.widgets import NOTE_CLASS, VISIBLE, attention_spread, attention_widget
+
+    uniform = torch.full((2, 1, 2, 4, 4), 0.25)
+    assert attention_spread(uniform) == {"layers": 0.0, "heads": 0.0}
+    sharp = uniform.clone()
+    sharp[1, 0, 1] = torch.eye(4)  # layer 1, head 1 looks at itself only
+    spread = attention_spread(sharp)
+    assert spread["layers"] == spread["heads"] == pytest.approx(0.75)
+    assert attention_spread(uniform[:, :, :1])["heads"] == 0.0  # one head: nothing to compare
+
+    def notes(box) -> list[str]:
+        return [c.value for c in box.children if NOTE_CLASS in c._dom_classes]
+
+    (note,) = notes(attention_widget(uniform))
+    assert "different layers" in note and "different heads" in note and "too little to see" in note
+    assert notes(attention_widget(sharp)) == []
+    slight = uniform.clone()
+    slight[1] += torch.eye(4) * (VISIBLE / 2)  # layers differ a little, heads not at all
+    (note,) = notes(attention_widget(slight))
+    assert "different layers" in note and "different heads" in note
+
+
+def test_prefix_widget_views_and_note():
+    """Opens at the most distinct layer; as the keys are when rows differ visibly there, else minus the row mean;
+    no head slider for one kv head; the note says why layer 0 is flat."""
+
+    from gistlib.course.widgets import NOTE_CLASS, PREFIX_VIEWS, VISIBLE, centred, prefix_widget, row_spread
+
+    g = torch.Generator().manual_seed(0)
+    keys, values = torch.randn(3, 4, 1, 2, 8, generator=g), torch.randn(3, 4, 1, 2, 8, generator=g)
+    keys[0], values[0] = keys[0, :1].clone(), values[0, :1].clone()  # layer 0: every row the same
+    distinct = Prefix(keys, values)
+    assert row_spread(distinct, 0) == 0.0 and row_spread(distinct, 2) > VISIBLE
+    c = centred(distinct)
+    torch.testing.assert_close(c.keys.mean(1), torch.zeros(3, 1, 2, 8))
+    torch.testing.assert_close(c.keys[2, 1] - c.keys[2, 0], keys[2, 1] - keys[2, 0])
+
+    def controls(box) -> dict:
+        return {w.description: w.value for w in box.children if getattr(w, "description", "")}
+
+    def note(box) -> str:
+        return next(w.value for w in box.children if NOTE_CLASS in w._dom_classes)
+
+    box = prefix_widget(distinct)
+    assert "head" not in controls(box) and "one key/value head" in note(box) and "Layer 0 is the same" in note(box)
+    assert controls(box)["view"] == PREFIX_VIEWS[0] and controls(box)["layer"] != 0
+    alike = Prefix(keys[:, :1].repeat(1, 4, 1, 1, 1) + 1e-3 * keys, values)  # rows differ by 0.1%
+    box = prefix_widget(alike)
+    assert controls(box)["view"] == PREFIX_VIEWS[2] and "too little to see" in note(box)
+    two_heads = Prefix(torch.randn(2, 3, 2, 2, 4, generator=g), torch.randn(2, 3, 2, 2, 4, generator=g))
+    assert "head" in controls(prefix_widget(two_heads))
+
+
+def test_mask_widget_labels_every_row():
+    import ipywidgets
+
+    from gistlib.course.widgets import mask_widget
+
+    labels = [[f"r{r}t{i}" for i in range(8)] for r in range(2)]
+    box = mask_widget(ROWS, GISTS, labels, pad_token_id=PAD)
+    row = next(w for w in box.children if getattr(w, "description", "") == "row")
+    row.value = 1  # the picture is redrawn with row 1's own labels (no error, a new PNG)
+    assert isinstance(box.children[-1], ipywidgets.Image) and box.children[-1].value
+    with pytest.raises(ValueError, match="one per row"):
+        mask_widget(ROWS, GISTS, labels[:1], pad_token_id=PAD)
+
+
+def test_the_playground_example_words_exist():
+    """The example that a mistyped demo line is shown uses a word and a symbol the pocket tokenizer knows."""
+    from gistlib.course.widgets import example_demo, parse_demos
+
+    word, symbol = example_demo().split()
+    vocab = pocket_tokenizer(16).get_vocab()
+    assert word in vocab and symbol in vocab
+    with pytest.raises(ValueError, match=f"e.g. '{word} {symbol}'"):
+        parse_demos("a b c")

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
@@ -40,6 +40,7 @@ from gistlib.core.prefix import (
     forward_with_mask,
     generate_with_prefix,
     gist_positions,
+    peft_wrap,
     positions_from_mask,
     prefix_pass,
     prefixed_causal_mask,
@@ -154,7 +155,7 @@ class HyperLlama(nn.Module):
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         with torch.random.fork_rng(devices=[]):  # LoRA and head init: the same for the same seed
             torch.manual_seed(self.config.seed)
-            self.peft: PeftModel = get_peft_model(base, lora)
+            self.peft: PeftModel = peft_wrap(base, lora)
             self.prefix_head = PrefixHead(self.config.prefix_head, cfg.num_key_value_heads, head_dim)
         self.prefix_head.to(embed.weight.device)
         self.merge_lora_for_inference = True  # make_prefix without gradients runs on merged weights (`merged_lora`)

@@ -16,14 +16,14 @@ import os
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig
 from safetensors.torch import load_file
 from torch import nn
 from transformers import PreTrainedModel
 
 from gistlib.core.hyper import LINEAR_MAPS
 from gistlib.core.masks import make_causal_mask, make_gist_mask
-from gistlib.core.prefix import forward_with_mask, positions_from_mask
+from gistlib.core.prefix import forward_with_mask, peft_wrap, positions_from_mask
 from gistlib.core.scoring import sequence_logprobs, token_loss
 
 __all__ = ["LMTrainee"]
@@ -58,7 +58,7 @@ class LMTrainee(nn.Module):
             lora = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, target_modules=list(LINEAR_MAPS), bias="none")
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                self.model = get_peft_model(model, lora)
+                self.model = peft_wrap(model, lora)
         else:
             self.model = model
             for p in model.parameters():

@@ -43,6 +43,7 @@ __all__ = [
     "prefixed_causal_mask",
     "forward_with_prefix",
     "generate_with_prefix",
+    "peft_wrap",
     "prefix_to_peft",
     "prefix_from_peft",
     "peft_model_with_prefix",
@@ -443,6 +444,21 @@ def _cut_after_stop(tokens: list[int], stops: set[int]) -> list[int]:
 # --- PEFT prefix-tuning format -------------------------------------------------------------------
 
 
+def peft_wrap(model, config):
+    """`peft.get_peft_model(model, config)` without the FutureWarning it triggers under transformers 5.
+
+    peft 0.21 reads `model.is_gradient_checkpointing`, which transformers 5 deprecates ("use
+    is_activation_checkpointing"); gistlib never switches checkpointing through peft, so the warning only
+    alarms learners (a red box in every lesson). Filtered here, at its one source, by its precise message."""
+    import warnings
+
+    from peft import get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return get_peft_model(model, config)
+
+
 def prefix_to_peft(prefix: Prefix, row: int = 0) -> torch.Tensor:
     """One row as PEFT's prompt embedding: (k, n_layers * 2 * H_kv * hd).
 
@@ -466,10 +482,10 @@ def peft_model_with_prefix(model: PreTrainedModel, prefix: Prefix, row: int = 0)
     Ready to be tuned further with PEFT (the prefix is its trainable parameter); `model`'s own
     weights are shared, not copied.
     """
-    from peft import PrefixTuningConfig, TaskType, get_peft_model
+    from peft import PrefixTuningConfig, TaskType
 
     cfg = PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=prefix.num_virtual_tokens)
-    peft_model = get_peft_model(model, cfg)
+    peft_model = peft_wrap(model, cfg)
     embedding = peft_model.prompt_encoder["default"].embedding
     flat = prefix_to_peft(prefix, row)
     if embedding.weight.shape != flat.shape:

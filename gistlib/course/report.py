@@ -61,26 +61,30 @@ def results_table(summary: dict) -> str:
     levels = sorted({lvl for e in m.values() for lvl in e.get("by_group", {})})
     levels = levels if len(levels) <= MAX_GROUP_COLUMNS else []
     lines = [
-        "| method | accuracy [95% CI] | episodes | " + " | ".join(levels) + " |",
+        "| method | accuracy [95% CI] | episodes |" + "".join(f" {lvl} |" for lvl in levels),
         "|---|---|---|" + "---|" * len(levels),
     ]
     for name in METHOD_ORDER:
         if name in m:
             e = m[name]
             lines.append(
-                f"| {name} | {_fmt(e)} | {e['n_episodes']} | "
-                + " | ".join(f"{e['by_group'].get(lvl, float('nan')):.3f}" for lvl in levels)
-                + " |"
+                f"| {name} | {_fmt(e)} | {e['n_episodes']} |"
+                + "".join(f" {e['by_group'].get(lvl, float('nan')):.3f} |" for lvl in levels)
             )
+    lines += [f"\n{name} not run: {why}" for name, why in summary.get("skipped_methods", {}).items()]
     lines += _per_task_table(m)
-    seeds = m.get("hyperllama", {}).get("per_seed", {})
-    if seeds:
-        lines += [
-            "",
-            "HyperLlama per seed: "
-            + ", ".join(f"seed {s}: {_fmt(e)}" for s, e in seeds.items())
-            + f"; mean {m['hyperllama']['mean_over_seeds']:.3f}",
-        ]
+    for name in METHOD_ORDER:
+        seeds = m.get(name, {}).get("per_seed", {})
+        if seeds:
+            e = m[name]
+            metric = e.get("seed_metric", "accuracy")
+            spread = f", spread (max - min) {e['spread_over_seeds']:.3f}" if "spread_over_seeds" in e else ""
+            lines += [
+                "",
+                f"{name} per seed: "
+                + ", ".join(f"seed {s}: {_fmt(v)}" for s, v in seeds.items())
+                + f"; {metric} mean {e['mean_over_seeds']:.3f}{spread}",
+            ]
     ladder = summary.get("prefix_tuning", {})
     if ladder:
         budgets = list(next(iter(ladder.values())).keys())

@@ -247,7 +247,7 @@ def trained_model_dirs(exp: Experiment) -> list[str]:
         names += [f"hyper-k{k0}-s{s}" for s in exp.run.seeds]
         names += [f"hyper-k{k}-s{exp.run.seeds[0]}" for k in exp.gist_counts if k != k0]
     if exp.runs("gisting"):
-        names.append(f"gisting-k{exp.hyper.num_gist_tokens}")
+        names += [f"gisting-k{exp.hyper.num_gist_tokens}-s{s}" for s in exp.run.seeds]
     if exp.runs("multitask_icl"):
         names.append("multitask-icl")
     return names
@@ -505,28 +505,29 @@ def gisting_method(model, episodes, b: Bundle, k: int):
     return with_prefixes("gisting", model, prefixes, b.tokenizer, b.fmt, bos=False)
 
 
-def train_gisting(b: Bundle, k: int) -> tuple[LMTrainee, list[dict]]:
-    """The base trained under the gist mask (Gisting; `train.adapter`: every weight or a LoRA); in gisting-k{k}."""
+def train_gisting(b: Bundle, k: int, seed: int = 0) -> tuple[LMTrainee, list[dict]]:
+    """The base trained under the gist mask (Gisting; `train.adapter`: every weight or a LoRA), one run per seed
+    (the seed draws the training episodes and their order); in gisting-k{k}-s{seed}."""
     exp, t = b.exp, b.exp.train
     rank = exp.hyper.lora_rank if t.adapter == "lora" else 0
     fields = ("gisting_steps", "gisting_lr", "gisting_batch", "adapter", "grad_accum", "eval_every", "patience",
               "val_episodes")  # fmt: skip
-    settings = _stamp(exp, {"model": None, "data": None, "train": fields}, k=k, lora_rank=rank)
-    trainee, run, todo = _lm_trainee(b, f"gisting-k{k}", settings, "gist", rank, k)
+    settings = _stamp(exp, {"model": None, "data": None, "train": fields}, k=k, lora_rank=rank, seed=seed)
+    trainee, run, todo = _lm_trainee(b, f"gisting-k{k}-s{seed}", settings, "gist", rank, k)
     if not todo:
         return trainee.eval(), _read_log(run / "run" / "metrics.jsonl")
     val = b.source.validation_episodes(t.val_episodes)
     score = lambda tr, step: _accuracy(gisting_method(tr.eval().model, val, b, k), val, b)
     d = exp.data
     batches = gisting_batches(
-        b.source.training_episodes(0, 1),
+        b.source.training_episodes(seed, 1),
         b.tokenizer,
         b.gist_ids(k),
         t.gisting_batch,
         b.fmt,
         d.max_hyper_tokens + d.max_tokens,
     )
-    tcfg = _stage(exp, t.gisting_steps, t.gisting_lr, run / "run", seed=0, warmup_cap=50)
+    tcfg = _stage(exp, t.gisting_steps, t.gisting_lr, run / "run", seed=seed, warmup_cap=50)
     records = train(trainee, batches, tcfg, evaluate=score if t.eval_every else None)
     _keep_best(trainee, run / "run", run / "final")
     return trainee.eval(), records
@@ -649,6 +650,21 @@ def _by_group(result, groups: list[str]) -> dict[str, float]:
     return {g: sum(v) / len(v) for g, v in sorted(out.items())}
 
 
+def _over_seeds(per_seed: dict[str, dict]) -> dict:
+    """A trained method's entry: its first seed's scores, every seed's (`per_seed`), and the mean and spread
+    (max - min) of the headline metric (ROUGE-L where answers are generated, else accuracy) over seeds."""
+    first = next(iter(per_seed.values()))
+    key = "rouge_l" if first.get("rouge_l") is not None else "accuracy"
+    values = [v[key] for v in per_seed.values()]
+    return {
+        **first,
+        "per_seed": per_seed,
+        "seed_metric": key,
+        "mean_over_seeds": sum(values) / len(values),
+        "spread_over_seeds": max(values) - min(values),
+    }
+
+
 def run_experiment(exp: Experiment, bundle: Bundle | None = None) -> dict:
     """Run every enabled method of `exp` on the same test episodes; the summary (also out_dir/summary.json)."""
     from gistlib.threads import choose_threads  # run.threads, or the cores free now; prints which and how to change
@@ -669,6 +685,10 @@ def run_experiment(exp: Experiment, bundle: Bundle | None = None) -> dict:
     lap("load")
     test = b.source.test_episodes(ev.test_episodes, ev.queries_per_episode, ev.seed)
     groups = [b.source.group(ep) for ep in test]
+    skipped_methods: dict[str, str] = {}
+    if exp.runs("wrong_task_prefix") and len({ep.task for ep in test}) < 2:  # checked before anything trains
+        skipped_methods["wrong_task_prefix"] = "the test episodes hold one task: there is no other task's prefix"
+        print(f"wrong_task_prefix skipped: {skipped_methods['wrong_task_prefix']}")
     results: dict[str, dict] = {}
     logs: dict[str, list] = {}
 
@@ -688,9 +708,12 @@ def run_experiment(exp: Experiment, bundle: Bundle | None = None) -> dict:
 
     k0 = exp.hyper.num_gist_tokens
     if exp.runs("gisting"):
-        gist_model, logs["gisting"] = train_gisting(b, k0)
-        results["gisting"] = score(gisting_method(gist_model.model, test, b, k0))
-        del gist_model
+        gisting_seeds = {}
+        for seed in exp.run.seeds:
+            gist_model, logs[f"gisting_seed{seed}"] = train_gisting(b, k0, seed)
+            gisting_seeds[str(seed)] = score(gisting_method(gist_model.model, test, b, k0))
+            del gist_model
+        results["gisting"] = _over_seeds(gisting_seeds)
         lap("gisting")
 
     per_seed, sweep, main = {}, {}, None
@@ -708,13 +731,8 @@ def run_experiment(exp: Experiment, bundle: Bundle | None = None) -> dict:
                 if main is None:
                     main = (hyper, prefixes)
             sweep.setdefault(str(k), entry)  # for k0: the first seed
-        accs = [v["accuracy"] for v in per_seed.values()]
-        results["hyperllama"] = {
-            **per_seed[str(exp.run.seeds[0])],
-            "per_seed": per_seed,
-            "mean_over_seeds": sum(accs) / len(accs),
-        }
-        if exp.runs("wrong_task_prefix"):
+        results["hyperllama"] = _over_seeds(per_seed)
+        if exp.runs("wrong_task_prefix") and "wrong_task_prefix" not in skipped_methods:
             hyper, prefixes = main
             wrong = with_prefixes("wrong_task_prefix", hyper.base, prefixes.rows(other_task_rows(test)), tok, fmt)
             with hyper.downstream_mode():
@@ -736,6 +754,7 @@ def run_experiment(exp: Experiment, bundle: Bundle | None = None) -> dict:
         "environment": environment(),
         "normalisation": NORMALISATION,
         "methods": results,
+        "skipped_methods": skipped_methods,
         "prefix_tuning": ladder,
         "gist_sweep": sweep if exp.runs("hyperllama") else {},
         "compression": [compression(b, base, test, k) for k in exp.gist_counts],

@@ -28,6 +28,8 @@ from gistlib.core.prefix import Prefix, forward_with_mask, positions_from_mask
 from gistlib.data import collate, render_hyper_input
 
 __all__ = [
+    "CELL_INCHES",
+    "SMALL_FONT",
     "token_labels",
     "plot_mask",
     "attention_maps",
@@ -49,6 +51,13 @@ __all__ = [
     "accuracy_by_group",
     "read_metrics",
 ]
+
+
+# One token's row or column in a mask or attention heatmap, in inches: at 90-100 dpi about 24 px, room for a tick
+# label, and a 20-token map with its picker fits a 1400 x 900 browser window without scrolling.
+CELL_INCHES = 0.26
+# The smallest text in any figure here (tick labels, legends, annotations), in points: 10-11 px at 90-100 dpi.
+SMALL_FONT = 8
 
 
 def _plt():
@@ -84,8 +93,8 @@ def _label_tokens(ax, L: int, labels: Sequence[str] | None) -> list[int]:
     """Token labels on both axes of an (L, L) query x key image; returns the tick positions."""
     ticks = list(range(L))
     labels = list(labels) if labels is not None else [str(i) for i in ticks]
-    ax.set_xticks(ticks, labels, rotation=90, fontsize=8)
-    ax.set_yticks(ticks, labels, fontsize=8)
+    ax.set_xticks(ticks, labels, rotation=90, fontsize=SMALL_FONT)
+    ax.set_yticks(ticks, labels, fontsize=SMALL_FONT)
     return ticks
 
 
@@ -117,7 +126,9 @@ def plot_mask(
     m = mask[row, 0] if mask.dim() == 4 else mask
     m = m.bool().float().cpu().numpy()
     L = m.shape[0]
-    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(0.32 * L + 1.8, 0.32 * L + 1.4))
+    fig, ax = (
+        (ax.figure, ax) if ax is not None else plt.subplots(figsize=(CELL_INCHES * L + 1.8, CELL_INCHES * L + 1.4))
+    )
     ax.imshow(m, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
     ticks = _label_tokens(ax, L, labels)
     ax.set_xlabel("key (attended to)")
@@ -176,7 +187,9 @@ def plot_attention(
     plt = _plt()
     a = attn[layer, row, head].float().cpu().numpy()
     L = a.shape[0]
-    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(0.32 * L + 2.4, 0.32 * L + 1.4))
+    fig, ax = (
+        (ax.figure, ax) if ax is not None else plt.subplots(figsize=(CELL_INCHES * L + 2.4, CELL_INCHES * L + 1.4))
+    )
     im = ax.imshow(a, cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
     _label_tokens(ax, L, labels)
     ax.set_xlabel("key")
@@ -245,8 +258,8 @@ def plot_similarity(sim: torch.Tensor, labels: Sequence[str] | None = None, titl
     fig, ax = plt.subplots(figsize=(size + 1, size))
     im = ax.imshow(sim.cpu().numpy(), cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
     if labels is not None and B <= 40:
-        ax.set_xticks(range(B), labels, rotation=90, fontsize=7)
-        ax.set_yticks(range(B), labels, fontsize=7)
+        ax.set_xticks(range(B), labels, rotation=90, fontsize=SMALL_FONT)
+        ax.set_yticks(range(B), labels, fontsize=SMALL_FONT)
     ax.set_title(title)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="cosine (centred)")
     fig.tight_layout()
@@ -278,11 +291,11 @@ def plot_projection(
         ax.scatter(pts[idx, 0], pts[idx, 1], s=22, color=colours(i % colours.N), label=str(g), alpha=0.8)
     if names is not None and len(names) <= 30:
         for (x, y), n in zip(pts, names):
-            ax.annotate(str(n), (x, y), fontsize=6, alpha=0.7)
+            ax.annotate(str(n), (x, y), fontsize=SMALL_FONT, alpha=0.7)
     ax.set_xlabel("PC 1")
     ax.set_ylabel("PC 2")
     ax.set_title(title)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=SMALL_FONT)
     fig.tight_layout()
     return _close(fig)
 
@@ -303,7 +316,7 @@ def plot_prefix_slice(
     lim = float(s.abs().max().clamp(min=1e-6))
     fig, ax = plt.subplots(figsize=(7, 0.3 * s.shape[0] + 1.6))
     im = ax.imshow(s.numpy(), cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto", interpolation="nearest")
-    ax.set_yticks(range(s.shape[0]), [f"G{i}" for i in range(s.shape[0])], fontsize=8)
+    ax.set_yticks(range(s.shape[0]), [f"G{i}" for i in range(s.shape[0])], fontsize=SMALL_FONT)
     ax.set_xlabel("head dimension")
     ax.set_title(title or f"prefix {kind}, row {row}, layer {layer}, kv head {head}")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
@@ -349,7 +362,7 @@ def plot_prefix_change(change: torch.Tensor, demo_counts: Sequence[int], title: 
     ax.set_ylabel("||p - p_all|| / ||p_all||")
     ax.set_title(title or "how the prefix changes as demos are added")
     ax.set_ylim(bottom=0)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=SMALL_FONT)
     fig.tight_layout()
     return _close(fig)
 
@@ -405,7 +418,7 @@ def plot_loss_curves(
         h2, l2 = ax2.get_legend_handles_labels()
         handles, labels = handles + h2, labels + l2
     if handles:
-        ax.legend(handles, labels, fontsize=7, loc="upper right")
+        ax.legend(handles, labels, fontsize=SMALL_FONT, loc="upper right")
     fig.tight_layout()
     return _close(fig)
 

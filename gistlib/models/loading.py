@@ -405,7 +405,23 @@ def load_llama(
         )
         check_llama_modules(model)
         model = prepare_for_training(model, qconfig is not None, gradient_checkpointing, prepare_for_kbit_training)
-    return model.eval()
+    return keep_4bit_differentiable(model).eval()
+
+
+def keep_4bit_differentiable(model: torch.nn.Module) -> torch.nn.Module:
+    """Stop bitsandbytes (0.50) from repacking 4-bit weights for its CPU inference kernel, in place.
+
+    On a CPU with AVX512-BF16, a `Linear4bit` run in eval mode on an input without gradient repacks its weight
+    into a format whose kernel has no backward; every later pass, training included, then returns no gradient
+    to the layer's input, so LoRA layers below it stop learning after the first validation pass. Returns `model`."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return model
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+    return model
 
 
 def is_frozen(model: torch.nn.Module) -> bool:

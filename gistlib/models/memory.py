@@ -451,15 +451,16 @@ def measure_base_lora_step(
     creates the AdamW states first. measured = all parameters + AdamW states (alive throughout)
     + the tracked peak of everything the step allocates (activations, logits, gradients, temporaries).
     """
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
+    from gistlib.core.prefix import peft_wrap
     from gistlib.models.tiny import build_tiny_llama
 
     model = build_tiny_llama(
         vocab_size=shape.vocab, hidden_size=shape.hidden, num_layers=shape.layers, num_heads=shape.heads,
         num_kv_heads=shape.kv_heads, intermediate_size=shape.intermediate, seed=seed,
     )  # fmt: skip
-    model = get_peft_model(
+    model = peft_wrap(
         model,
         LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0, target_modules=list(LORA_TARGETS)),
     )

@@ -169,3 +169,26 @@ def smollm2_folder(cache: str | os.PathLike = DEFAULT_CACHE) -> Path:
 
 if __name__ == "__main__":  # python -m gistlib.models.smol [folder]
     print(smollm2_folder(*sys.argv[1:2]))
+
+
+def smol_shaped_config():
+    """A `LlamaConfig` of SmolLM2-135M's architecture (for random models of its shape): hidden 576, 30 layers,
+    9 heads, 3 KV heads, MLP 1536, vocab 49,152, rope theta 1e5, tied embeddings, BOS 1, EOS / pad 2 (the numbers
+    `tests/test_smol.py` checks on the real checkpoint)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=49_152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 100_000.0},
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
