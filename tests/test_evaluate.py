@@ -99,6 +99,7 @@ def test_generation_scores_exact_match():
     eps = [Episode("g", [Example("fama", "GO")], [Example("muso", "GO"), Example("lufu", "DA")])]
     res = evaluate(icl(model, TOK, COMPACT), eps, TOK, COMPACT, max_new_tokens=1)
     assert res.per_episode == [0.5] and res.rouge_l is not None
+    assert res.answers == [["GO", "GO"]]  # the answer texts that were scored
     (task,) = res.extra["per_task"]
     assert task["task"] == "g" and task["exact_match"] == 0.5 and task["rouge_l"] == res.rouge_l
     lo, hi = res.extra["rouge_l_ci95"]

@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 NB_DIR = ROOT / "notebooks"
 NOTEBOOKS = sorted(NB_DIR.glob("0*.ipynb"))
 SCRIPTS = sorted(NB_DIR.glob("0*.py"))  # the jupytext pairs of NOTEBOOKS
-NEEDS_SHARED_DATA = {"07_llama2_4bit"}  # its config (configs/symbol.json) reads SST-2/TREC/CB/RTE from ../shared/data
+# 07: its config (configs/symbol.json) reads SST-2/TREC/CB/RTE; 08: configs/smol.json reads the SNI tasks
+NEEDS_SHARED_DATA = {"07_llama2_4bit", "08_real_language"}
 # a lesson's own knobs (not in configs/) set smaller for the smoke run; tier values come from configs/smoke.json
 SMOKE_PARAMETERS = {"05_inspecting_prefixes": {"TASKS_PER_LEVEL": 2}}
 THREAD_ENV = {
@@ -240,3 +241,16 @@ def test_07_llama2_4bit(smoke_runs):
     assert {"zero_shot", "icl", "multitask_icl", "gisting", "hyperllama"} <= set(r["accuracy"])  # every method
     assert set(r["prefix_tuning"]) == {f"prefix_tuning_{s}" for s in ("random", "vocab", "hyperllama")}
     assert all(0.0 <= a <= 1.0 for a in r["accuracy"].values())
+
+
+def test_08_real_language(smoke_runs):
+    """The English task and the held-out SNI task: one prefix each, every method's answers, the compression."""
+    r = results_of(smoke_runs, "08_real_language")
+    for part in ("english", "sni"):
+        s = r[part]
+        n, B, H, k, hd = s["prefix_shape"]
+        assert B == 1 and k == 4 and s["demo_kv_bytes"] > s["prefix_bytes"] > 0
+        assert {"hyperllama", "icl", "multitask_icl", "definition_only", "zero_shot"} <= set(s["answers"])
+        assert all(len(a) == len(s["queries"]) for a in s["answers"].values())
+        assert all(v is None or 0.0 <= v <= 1.0 for v in s["rouge_l"].values())
+    assert "wrong_task_prefix" in r["sni"]["answers"] and r["sni"]["task"].startswith("task1159")

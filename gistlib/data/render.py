@@ -22,6 +22,7 @@ Labels hold -100 wherever there is no loss.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -98,12 +99,17 @@ def answer_ids(answer: str, tokenizer, fmt: RenderFormat = VERBOSE) -> list[int]
 
 def stop_token_ids(tokenizer, fmt: RenderFormat = VERBOSE) -> list[int]:
     """Token ids that end a greedy answer: EOS, and with `fmt.answer_end` every token whose text holds it
-    (a BPE may merge "\n" with what follows it)."""
+    (a BPE may merge "\n" with what follows it). Computed once per tokenizer, vocabulary size and ending."""
+    return list(_stop_ids(tokenizer, len(tokenizer), fmt.answer_end))
+
+
+@functools.lru_cache(maxsize=16)
+def _stop_ids(tokenizer, size: int, answer_end: str) -> tuple[int, ...]:
     stops = {tokenizer.eos_token_id}
-    if fmt.answer_end:
-        vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-        stops |= {i for i, t in enumerate(vocab) if t and fmt.answer_end in tokenizer.convert_tokens_to_string([t])}
-    return sorted(stops)
+    if answer_end:
+        vocab = tokenizer.convert_ids_to_tokens(list(range(size)))
+        stops |= {i for i, t in enumerate(vocab) if t and answer_end in tokenizer.convert_tokens_to_string([t])}
+    return tuple(sorted(stops))
 
 
 def answer_text(tokens: Sequence[int], tokenizer, fmt: RenderFormat = VERBOSE) -> str:

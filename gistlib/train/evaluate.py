@@ -195,6 +195,7 @@ class EvalResult:
     n: int = 0
     rouge_l: float | None = None
     extra: dict = field(default_factory=dict)
+    answers: list[list[str]] = field(default_factory=list)  # generation: the greedy answer texts, per episode
 
     def as_dict(self) -> dict:
         d = {"accuracy": self.accuracy, "ci95": [self.low, self.high], "n_episodes": self.n}
@@ -328,19 +329,21 @@ def _rank_classification(method: Method, items, tokenizer, fmt, batch_size) -> l
     return [q.choices[int(s.argmax())] == q.output for (_, _, q), s in zip(items, scores)]
 
 
-def _generation(method: Method, items, tokenizer, fmt, batch_size, max_new_tokens) -> tuple[list[float], list[float]]:
-    """Greedy answers (ended by `stop_token_ids`); returns exact match and ROUGE-L per item (best over references)."""
+def _generation(method: Method, items, tokenizer, fmt, batch_size, max_new_tokens):
+    """Greedy answers (ended by `stop_token_ids`); returns exact match, ROUGE-L (best over references) and the
+    answer text per item."""
     rows = (lambda idx: method.prefixes.rows(idx)) if method.prefixes is not None else (lambda idx: None)
     outs = generate_ids(
         method.model, rows, [e for e, _, _ in items], [method.prompt(e, ep, q) for e, ep, q in items],
         max_new_tokens, stop_token_ids(tokenizer, fmt), tokenizer.pad_token_id, batch_size, model_device(method.model),
     )  # fmt: skip
-    em, rl = [], []
+    em, rl, texts = [], [], []
     for (_, _, q), out in zip(items, outs):
         text = answer_text(out, tokenizer, fmt)
         em.append(exact_match(text, q.all_references))
         rl.append(rouge_l(text, q.all_references))
-    return em, rl
+        texts.append(text)
+    return em, rl, texts
 
 
 def evaluate(
@@ -361,14 +364,16 @@ def evaluate(
     generate = [it for it in items if not it[2].choices]
     per_item: dict[tuple[int, int], float] = {}
     rouge_of: dict[tuple[int, int], float] = {}
+    text_of: dict[tuple[int, int], str] = {}
     if classify:
         for it, ok in zip(classify, _rank_classification(method, classify, tokenizer, fmt, batch_size)):
             per_item[(it[0], id(it[2]))] = float(ok)
     if generate:
-        em, rl = _generation(method, generate, tokenizer, fmt, batch_size, max_new_tokens)
-        for it, m, r in zip(generate, em, rl):
+        em, rl, texts = _generation(method, generate, tokenizer, fmt, batch_size, max_new_tokens)
+        for it, m, r, text in zip(generate, em, rl, texts):
             per_item[(it[0], id(it[2]))] = float(m > 0)
             rouge_of[(it[0], id(it[2]))] = r
+            text_of[(it[0], id(it[2]))] = text
     scores = [[per_item[(e, id(q))] for q in ep.queries] for e, ep in enumerate(episodes)]
     per_episode = [sum(v) / len(v) for v in scores]
     low, high = bootstrap_interval(per_episode, seed=seed)
@@ -377,6 +382,7 @@ def evaluate(
     if generate:
         rouge = [[rouge_of[(e, id(q))] for q in ep.queries if (e, id(q)) in rouge_of] for e, ep in enumerate(episodes)]
         result.rouge_l = sum(map(sum, rouge)) / sum(map(len, rouge))
+        result.answers = [[text_of.get((e, id(q)), "") for q in ep.queries] for e, ep in enumerate(episodes)]
         result.low, result.high = two_level_interval(scores, seed=seed)
         result.extra = {
             "rouge_l_ci95": list(two_level_interval(rouge, seed=seed)),
