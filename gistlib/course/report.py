@@ -88,16 +88,17 @@ def results_table(summary: dict) -> str:
     ladder = summary.get("prefix_tuning", {})
     if ladder:
         budgets = list(next(iter(ladder.values())).keys())
+        key, _ = _ladder_metric(ladder)
         lines += [
             "",
-            "| prefix tuning start | " + " | ".join(f"{b} steps" for b in budgets) + " |",
+            f"| prefix tuning start ({key.replace('_', '-').upper() if key == 'rouge_l' else key}) | "
+            + " | ".join(f"{b} steps" for b in budgets)
+            + " |",
             "|---|" + "---|" * len(budgets),
         ]
         for name, per in ladder.items():
             lines.append(
-                f"| {name.removeprefix('prefix_tuning_')} | "
-                + " | ".join(f"{per[b]['accuracy']:.3f}" for b in budgets)
-                + " |"
+                f"| {name.removeprefix('prefix_tuning_')} | " + " | ".join(f"{per[b][key]:.3f}" for b in budgets) + " |"
             )
     sweep = summary.get("gist_sweep", {})
     if len(sweep) > 1:
@@ -160,20 +161,27 @@ def plot_methods(summary: dict):
     return fig
 
 
+def _ladder_metric(ladder: dict) -> tuple[str, str]:
+    """(metric, its interval) of the prefix-tuning ladder: ROUGE-L where the answers are generated, else accuracy."""
+    first = next(iter(next(iter(ladder.values())).values()))
+    return ("rouge_l", "rouge_l_ci95") if first.get("rouge_l") is not None else ("accuracy", "ci95")
+
+
 def plot_prefix_ladder(summary: dict):
-    """Prefix-tuning accuracy against steps, one line per start, with 95% bands."""
+    """Prefix-tuning accuracy (ROUGE-L for generation) against steps, one line per start, with 95% bands."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.5))
+    key, ci = _ladder_metric(summary["prefix_tuning"])
     for name, per in summary["prefix_tuning"].items():
         steps = [int(b) for b in per]
-        acc = [per[b]["accuracy"] for b in per]
-        lo = [per[b]["ci95"][0] for b in per]
-        hi = [per[b]["ci95"][1] for b in per]
+        acc = [per[b][key] for b in per]
+        lo = [per[b][ci][0] for b in per]
+        hi = [per[b][ci][1] for b in per]
         ax.plot(steps, acc, marker="o", label=name.removeprefix("prefix_tuning_"))
         ax.fill_between(steps, lo, hi, alpha=0.15)
     ax.set_xscale("symlog", linthresh=10)
     ax.set_xlabel("prefix-tuning steps")
-    ax.set_ylabel("accuracy")
+    ax.set_ylabel("ROUGE-L" if key == "rouge_l" else "accuracy")
     ax.set_ylim(0, 1)
     ax.legend()
     ax.set_title("prefix tuning from three starts")
