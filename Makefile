@@ -29,7 +29,7 @@ main: setup
 	$(BIN)/python -m gistlib run configs/pocket.json
 
 # the smol tier: HyperLlama and every baseline on SmolLM2-135M and real SNI tasks, evaluating the trained
-# adapters shipped in data/smol (data/smol/README.md); about 40 min on one CPU thread
+# adapters shipped in data/smol (data/smol/README.md); about 55 min on one CPU thread (37 of them prefix tuning)
 smol: setup
 	$(BIN)/python -m gistlib run configs/smol.json
 
