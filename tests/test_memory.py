@@ -32,13 +32,15 @@ def test_llama2_presets_have_the_published_parameter_counts():
 
 
 def test_from_config_and_lora_count_match_real_models():
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
+
+    from gistlib.core.prefix import peft_wrap
 
     model = build_tiny_llama(hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2, intermediate_size=96)
     shape = ModelShape.from_config(model.config)
     assert (shape.kv_heads, shape.kv_dim, shape.layers) == (2, 32, 3)
     assert shape.num_parameters() == count_parameters(model)
-    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=list(memory.LORA_TARGETS)))
+    peft_model = peft_wrap(model, LoraConfig(r=4, target_modules=list(memory.LORA_TARGETS)))
     assert lora_params(shape, 4) == count_parameters(peft_model, trainable_only=True)
 
 
@@ -138,12 +140,14 @@ def test_hyperllama_estimate_agrees_with_a_two_pass_emulation():
     over B x T_h tokens under a 4-D mask, its last k keys/values as a prefix, a downstream pass with the
     adapters off and an LM loss, backward through both, AdamW. (No gist embeddings or re-rotation:
     memory-neutral; gist parameters are subtracted from the estimate.)"""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
     from transformers import DynamicCache
+
+    from gistlib.core.prefix import peft_wrap
 
     shape, batch, hyper_len, down_len, k = ModelShape(128, 4, 4, 4, 512, 512), 8, 96, 48, 8
     base = build_tiny_llama(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=4, intermediate_size=512)
-    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=list(memory.LORA_TARGETS))).train()
+    model = peft_wrap(base, LoraConfig(r=8, lora_alpha=16, target_modules=list(memory.LORA_TARGETS))).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     gen = torch.Generator().manual_seed(0)
     hyper_ids = torch.randint(0, 512, (batch, hyper_len), generator=gen)

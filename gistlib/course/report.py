@@ -163,7 +163,7 @@ def plot_methods(summary: dict):
 
 def _ladder_metric(ladder: dict) -> tuple[str, str]:
     """(metric, its interval) of the prefix-tuning ladder: ROUGE-L where the answers are generated, else accuracy."""
-    first = next(iter(next(iter(ladder.values())).values()))
+    first = next((entry for per in ladder.values() for entry in per.values()), {})
     return ("rouge_l", "rouge_l_ci95") if first.get("rouge_l") is not None else ("accuracy", "ci95")
 
 
