@@ -60,15 +60,8 @@ CHANGED_SHARE = 0.005
 PIXEL_LEVELS = 24
 # red boxes that are known bugs of code this suite does not own: the lesson is marked xfail (after every other check
 # passed) with the reason, instead of failing the suite; remove an entry when its fix lands
-KNOWN_BUGS = {
-    "bitsandbytes::gemv_4bit: an autograd kernel was not registered": (
-        "bitsandbytes 0.50 on a CPU with AVX-512 BF16 repacks a Linear4bit's weight for inference on its first "
-        "forward in eval mode without grad; every later forward, in training too, goes through gemv_4bit, which has "
-        "no autograd kernel: no gradient reaches the layer's input (x.grad is None). Training after a validation "
-        "pass then loses the gradients through the 4-bit base. Fix where the 4-bit model is loaded for training: "
-        "set `support_avx512bf16_for_cpu = False` on every bnb.nn.Linear4bit"
-    ),
-}
+# (the bitsandbytes 4-bit CPU repacking bug found this way is fixed in gistlib.models.loading.keep_4bit_differentiable)
+KNOWN_BUGS: dict[str, str] = {}
 MIN_SCALE, MAX_SCALE = 0.8, 1.25  # a picture shown at 0.8-1.25 times its own size: its text as matplotlib drew it
 # what a widget looks like when the browser could not draw it: its repr, or the widget manager's error
 WIDGET_AS_TEXT = re.compile(r"\b(interactive|VBox|HBox|IntSlider|Dropdown|Image)\(children=|Error displaying widget")
