@@ -238,14 +238,19 @@ def _run_folder(b: Bundle, name: str, settings: dict) -> tuple[Path, bool]:
     return b.cache / name, False
 
 
+def _hyper_runs(exp: Experiment) -> list[tuple[int, int]]:
+    """The (k, seed) HyperLlama runs `exp` needs: every seed at the main k, the first seed at each sweep k; none
+    when no method reads a HyperLlama."""
+    if not (exp.runs("hyperllama") or exp.runs("prefix_tuning") or exp.runs("wrong_task_prefix")):
+        return []
+    k0 = exp.hyper.num_gist_tokens
+    return [(k0, s) for s in exp.run.seeds] + [(k, exp.run.seeds[0]) for k in exp.gist_counts if k != k0]
+
+
 def trained_model_dirs(exp: Experiment) -> list[str]:
     """The folder names (under cache_dir) of the models `exp` trains: HyperLlama per seed and k, Gisting,
     multitask ICL."""
-    names = []
-    if exp.runs("hyperllama") or exp.runs("prefix_tuning") or exp.runs("wrong_task_prefix"):
-        k0 = exp.hyper.num_gist_tokens
-        names += [f"hyper-k{k0}-s{s}" for s in exp.run.seeds]
-        names += [f"hyper-k{k}-s{exp.run.seeds[0]}" for k in exp.gist_counts if k != k0]
+    names = [f"hyper-k{k}-s{s}" for k, s in _hyper_runs(exp)]
     if exp.runs("gisting"):
         names += [f"gisting-k{exp.hyper.num_gist_tokens}-s{s}" for s in exp.run.seeds]
     if exp.runs("multitask_icl"):
@@ -730,8 +735,8 @@ def run_experiment(exp: Experiment, bundle: Bundle | None = None) -> dict:
         lap("gisting")
 
     per_seed, sweep, main = {}, {}, None
-    if exp.runs("hyperllama") or exp.runs("prefix_tuning") or exp.runs("wrong_task_prefix"):
-        runs = [(k0, s) for s in exp.run.seeds] + [(k, exp.run.seeds[0]) for k in exp.gist_counts if k != k0]
+    runs = _hyper_runs(exp)
+    if runs:
         for k, seed in tqdm(runs, desc="hyperllama runs", disable=not exp.run.progress):
             hyper, log = train_hyper(b, k, seed)
             with torch.no_grad():
