@@ -109,3 +109,90 @@ def test_the_training_loop_feeds_teacher_rows_with_the_configured_weight(tmp_pat
     plain = weights(False, 1.0, "plain")
     torch.testing.assert_close(weights(True, 0.0, "off"), plain)
     assert not torch.allclose(weights(True, 1.0, "on"), plain)
+
+
+# ---------------------------------------------------------------------------------------------- Gisting
+
+
+def gisting_batch(teacher: bool = True, batch_size: int = 4):
+    from gistlib.data.batches import gisting_batches
+
+    suite = [t for t in load_pocket_suite()["train"] if t.meta.get("level") in ("C2", "C8")][:40]
+    stream = gisting_batches(sample_episodes(suite, 5, 1), TOK, gist_token_ids(TOK)[:3], batch_size, teacher=teacher)
+    return next(stream)
+
+
+def gisting_trainee(weight: float, seed: int = 1):
+    from conftest import small_pocket_model
+
+    from gistlib.core.lm import LMTrainee
+
+    teacher = small_pocket_model(TOK, seed=0)
+    student = small_pocket_model(TOK, seed=seed)  # seed 0 too: the student starts as the teacher
+    return LMTrainee(student, "gist", gist_token_ids(TOK)[:3], distill_weight=weight, teacher=teacher), teacher
+
+
+def test_gisting_teacher_rows_are_the_rows_without_their_gists():
+    b = gisting_batch()
+    gist = set(gist_token_ids(TOK)[:3])
+    for ids, m, t_ids, t_m in zip(b["input_ids"], b["attention_mask"], b["icl_input_ids"], b["icl_attention_mask"]):
+        row = ids[m.bool()].tolist()
+        assert sum(t in gist for t in row) == 3
+        assert t_ids[t_m.bool()].tolist() == [t for t in row if t not in gist]
+    assert "icl_input_ids" not in gisting_batch(teacher=False)
+
+
+def test_gisting_distillation_equals_a_per_row_loop_over_plain_forwards():
+    """The distillation term = a loop over unpadded rows: the student under the gist mask, the teacher a plain
+    HF forward of the row without gists, 1 - cos on every token after the last gist, every layer."""
+    from gistlib.core.masks import make_gist_mask
+
+    b = gisting_batch()
+    trainee, teacher = gisting_trainee(weight=2.0)
+    with torch.no_grad():
+        total, lm = trainee.objective(
+            **{n: b[n] for n in ("input_ids", "attention_mask", "labels")},
+            icl_input_ids=b["icl_input_ids"],
+            icl_attention_mask=b["icl_attention_mask"],
+        )
+        per_layer = []
+        for r in range(len(b["input_ids"])):
+            ids = b["input_ids"][r][b["attention_mask"][r].bool()][None]
+            t_ids = b["icl_input_ids"][r][b["icl_attention_mask"][r].bool()][None]
+            additive = torch.where(make_gist_mask(ids, gist_token_ids(TOK)[:3]), 0.0, torch.finfo(torch.float32).min)
+            s_h = trainee.model(input_ids=ids, attention_mask=additive, output_hidden_states=True).hidden_states[1:]
+            t_h = teacher(input_ids=t_ids, output_hidden_states=True).hidden_states[1:]
+            last_gist = max(i for i, t in enumerate(ids[0].tolist()) if t in gist_token_ids(TOK)[:3])
+            after = ids.shape[1] - 1 - last_gist
+            assert ids[0, -after:].tolist() == t_ids[0, -after:].tolist()
+            per_layer.append([1 - F.cosine_similarity(s[0, -after:], t[0, -after:], dim=-1) for s, t in zip(s_h, t_h)])
+        layers = len(per_layer[0])
+        loop = torch.stack([torch.cat([row[i] for row in per_layer]).mean() for i in range(layers)]).mean()
+    torch.testing.assert_close(total - lm, 2.0 * loop, atol=1e-5, rtol=1e-4)
+    assert loop > 0.01  # the gist mask hides the demos: the student does not yet match the teacher
+
+
+def test_gisting_distillation_trains_the_student_only_and_weight_zero_is_plain_gisting():
+    b = gisting_batch()
+
+    def grads(weight: float, teacher: bool = True):
+        trainee, frozen = gisting_trainee(weight)
+        batch = b if teacher else {n: b[n] for n in ("input_ids", "attention_mask", "labels")}
+        loss = trainee.loss_and_backward(**batch)
+        assert all(p.grad is None for p in frozen.parameters())
+        return loss, trainee.model.model.embed_tokens.weight.grad.clone()
+
+    lm0, plain = grads(0.0)
+    lm1, taught = grads(1.0)
+    torch.testing.assert_close(lm1, lm0)  # the returned loss is the LM loss alone
+    assert not torch.allclose(taught, plain)
+    torch.testing.assert_close(grads(1.0, teacher=False)[1], plain)
+
+
+def test_gisting_distillation_needs_a_teacher():
+    from conftest import small_pocket_model
+
+    from gistlib.core.lm import LMTrainee
+
+    with pytest.raises(ValueError, match="teacher"):
+        LMTrainee(small_pocket_model(TOK, seed=0), "gist", gist_token_ids(TOK)[:3], distill_weight=1.0)

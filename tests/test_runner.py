@@ -117,6 +117,38 @@ def test_shipped_models_are_loaded_instead_of_trained(smoke, tmp_path):
     )  # the shipped copy is untouched
 
 
+def test_a_config_trained_by_another_scores_its_models_and_trains_nothing(smoke, tmp_path):
+    """run.trained_by: the trainer's models (its cache, its settings) scored on this config's episodes; with
+    the trainer's own data and episodes the numbers are the trainer's; nothing is trained or written there."""
+    from gistlib.config import ConfigError
+
+    exp, first = smoke
+    trainer = tmp_path / "trainer.json"
+    trainer.write_text(json.dumps(exp.to_dict()))
+    cache = Path(exp.run.cache_dir)
+    weights = lambda: {p: p.stat().st_mtime_ns for p in cache.rglob("*.safetensors")}
+    files, before = set(cache.rglob("*")), weights()
+
+    def transfer(name: str, **sections) -> dict:
+        raw = {"run": {"name": name, "out_dir": str(tmp_path / name), "trained_by": str(trainer), "progress": False},
+               "data": exp.to_dict()["data"], "methods": exp.to_dict()["methods"], **sections}  # fmt: skip
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(raw))
+        loaded = load_experiment(path)
+        assert loaded.train == exp.train and loaded.hyper == exp.hyper and loaded.run.cache_dir == exp.run.cache_dir
+        return run_experiment(loaded)
+
+    same = transfer("same", eval=exp.to_dict()["eval"])
+    assert {n: same["methods"][n] for n in SCORED} == {n: first["methods"][n] for n in SCORED}
+    other = transfer("other", eval={**exp.to_dict()["eval"], "seed": 77})
+    assert other["methods"]["hyperllama"] != first["methods"]["hyperllama"]  # other episodes
+    assert weights() == before and set(cache.rglob("*")) == files  # nothing trained, nothing added
+    clash = tmp_path / "clash.json"
+    clash.write_text(json.dumps({"run": {"trained_by": str(trainer)}, "train": {"hyper_steps": 9}}))
+    with pytest.raises(ConfigError, match="train, which come from run.trained_by"):
+        load_experiment(clash)
+
+
 def test_the_same_settings_in_a_fresh_folder_give_the_same_numbers(smoke, tmp_path):
     """Reproducibility: retraining everything from scratch (same threads, same seeds) repeats every number."""
     exp, first = smoke

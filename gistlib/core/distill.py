@@ -26,24 +26,28 @@ __all__ = ["suffix_alignment", "hidden_cosine_loss", "teacher_hidden_states"]
 
 
 def suffix_alignment(
-    student_mask: torch.Tensor, teacher_mask: torch.Tensor
+    student_mask: torch.Tensor, teacher_mask: torch.Tensor, lengths: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pair each real student token after BOS with the same token at the end of its teacher row.
+    """Pair the last `lengths[r]` real tokens of student row r with the last as many of its teacher row.
 
-    student_mask (R, Ls), teacher_mask (R, Lt): right-padded attention masks of `[BOS] x y` and
-    `[BOS] demos x y`. Returns s_idx (R, L), t_idx (R, L) positions and valid (R, L) bool, where
-    L = the longest student row - 1: token j of row r's query part sits at s_idx[r, j] in the student
-    row and at t_idx[r, j] in the teacher row.
+    student_mask (R, Ls), teacher_mask (R, Lt): right-padded attention masks, for HyperLlama of `[BOS] x y`
+    and `[BOS] demos x y` (lengths None: every student token after BOS), for Gisting of
+    `[BOS] demos G.. x y` and `[BOS] demos x y` (lengths (R,): the tokens after the last gist).
+    Returns s_idx (R, L), t_idx (R, L) positions and valid (R, L) bool, L = max(lengths): token j of row
+    r's aligned part sits at s_idx[r, j] in the student row and at t_idx[r, j] in the teacher row.
     """
     n = student_mask.long().sum(1)  # (R,) real student tokens, BOS included
     m = teacher_mask.long().sum(1)
-    if bool((m < n).any()):
+    lengths = n - 1 if lengths is None else lengths.to(n)
+    if bool((lengths > n - 1).any()):
+        raise ValueError("lengths: more tokens to align than a student row holds after BOS")
+    if bool((m < lengths + 1).any()):
         raise ValueError("a teacher row is shorter than its student row: pass `[BOS] demos query` rows as teacher")
-    length = int(n.max()) - 1
+    length = max(int(lengths.max()), 0)
     j = torch.arange(length, device=student_mask.device)[None]  # (1, L)
-    valid = j < (n - 1)[:, None]
-    s_idx = (1 + j).expand(len(n), length).clamp(max=student_mask.shape[1] - 1)
-    t_idx = ((m - n + 1)[:, None] + j).clamp(max=teacher_mask.shape[1] - 1)
+    valid = j < lengths[:, None]
+    s_idx = ((n - lengths)[:, None] + j).clamp(max=student_mask.shape[1] - 1)
+    t_idx = ((m - lengths)[:, None] + j).clamp(max=teacher_mask.shape[1] - 1)
     return s_idx, t_idx, valid
 
 
@@ -57,15 +61,16 @@ def hidden_cosine_loss(
     teacher_hidden: tuple[torch.Tensor, ...] | list[torch.Tensor],
     student_mask: torch.Tensor,
     teacher_mask: torch.Tensor,
+    lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean of 1 - cos over layers, rows and aligned query tokens (scalar).
 
     student_hidden, teacher_hidden: one (R, Ls, d) / (R, Lt, d) tensor per layer (same count);
-    masks as in `suffix_alignment`.
+    masks and lengths as in `suffix_alignment`.
     """
     if len(student_hidden) != len(teacher_hidden):
         raise ValueError(f"{len(student_hidden)} student layers vs {len(teacher_hidden)} teacher layers")
-    s_idx, t_idx, valid = suffix_alignment(student_mask, teacher_mask)
+    s_idx, t_idx, valid = suffix_alignment(student_mask, teacher_mask, lengths)
     weight = valid.to(student_hidden[0].dtype)
     total = student_hidden[0].new_zeros(())
     for hs, ht in zip(student_hidden, teacher_hidden):

@@ -8,6 +8,10 @@ Gisting (Mu et al. 2023) is the single-model special case of HyperLlama: one seq
 `[BOS] demos G_1..G_k query answer` under the gist mask, every weight trained, so the model learns to
 compress the demos into the gist tokens' activations. The pocket base is the same model trained
 under the plain causal mask on `[BOS] demos query answer`: a multi-task in-context learner.
+
+With `distill_weight` > 0 Gisting also gets HyperLlama's ICL distillation (`gistlib.core.distill`): on the
+tokens after the gists, every layer's hidden state should point where the frozen base's does when it reads
+the same row without gists, demos in full view. Not in Mu et al.; README, "What we changed and why".
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import PreTrainedModel
 
+from gistlib.core.distill import hidden_cosine_loss, teacher_hidden_states
 from gistlib.core.hyper import LINEAR_MAPS
 from gistlib.core.masks import make_causal_mask, make_gist_mask
 from gistlib.core.prefix import forward_with_mask, peft_wrap, positions_from_mask
@@ -35,6 +40,9 @@ class LMTrainee(nn.Module):
     mask: "causal" (in-context learning, plain LM) or "gist" (needs `gist_token_ids`).
     lora_rank: 0 trains every weight; r > 0 freezes the base and trains a LoRA (rank r, `lora_alpha`) on the
     seven linear maps of every layer (`self.model` is then the PEFT wrapper: forward passes use the adapter).
+    distill_weight: weight of ICL distillation on batches that carry teacher rows (`icl_input_ids`; mask
+    "gist" only). The teacher is the frozen base: `teacher` (an untrained copy, needed when every weight
+    trains) or, with a LoRA, this model with its adapter off.
     """
 
     def __init__(
@@ -45,13 +53,22 @@ class LMTrainee(nn.Module):
         lora_rank: int = 0,
         lora_alpha: int = 16,
         seed: int = 0,
+        distill_weight: float = 0.0,
+        teacher: PreTrainedModel | None = None,
     ):
         super().__init__()
         if mask not in ("causal", "gist"):
             raise ValueError(f"mask must be 'causal' or 'gist', got {mask!r}")
         if mask == "gist" and not gist_token_ids:
             raise ValueError("mask='gist' needs gist_token_ids")
+        if distill_weight and (mask != "gist" or (not lora_rank and teacher is None)):
+            raise ValueError(
+                "distill_weight > 0 needs mask='gist' and a teacher: pass teacher= (a frozen copy of the base) "
+                "when every weight trains, or lora_rank > 0"
+            )
         self.mask, self.gist_token_ids, self.lora_rank = mask, list(gist_token_ids or []), lora_rank
+        self.distill_weight = distill_weight
+        self._teacher = [teacher.eval().requires_grad_(False)] if teacher is not None else []  # a list: not a submodule
         if lora_rank:
             for p in model.parameters():
                 p.requires_grad_(False)
@@ -80,10 +97,48 @@ class LMTrainee(nn.Module):
         mask = self.attention_mask_4d(input_ids, attention_mask)
         return forward_with_mask(self.model, mask, positions_from_mask(attention_mask), input_ids=input_ids).logits
 
-    def loss_and_backward(self, input_ids, attention_mask, labels, loss_scale: float = 1.0, **_) -> torch.Tensor:
-        loss = token_loss(self.logits(input_ids, attention_mask), labels)
-        (loss * loss_scale).backward()
-        return loss.detach()
+    def objective(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        icl_input_ids: torch.Tensor | None = None,
+        icl_attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss to minimise, LM loss on `labels`): the two differ by distill_weight x the distillation term
+        when the batch has teacher rows, (B, Lt) `[BOS] demos x y` for each (B, L) row."""
+        teach = icl_input_ids is not None and self.distill_weight > 0
+        mask = self.attention_mask_4d(input_ids, attention_mask)
+        positions = positions_from_mask(attention_mask)
+        out = forward_with_mask(self.model, mask, positions, input_ids=input_ids, output_hidden_states=teach)
+        lm = token_loss(out.logits, labels)
+        if not teach:
+            return lm, lm
+        teacher = self._teacher_hidden(icl_input_ids, icl_attention_mask)
+        after = self.tokens_after_gists(input_ids, attention_mask)
+        aux = hidden_cosine_loss(out.hidden_states[1:], teacher, attention_mask, icl_attention_mask, after)
+        return lm + self.distill_weight * aux, lm
+
+    def loss_and_backward(self, input_ids, attention_mask, labels, loss_scale: float = 1.0, **teacher) -> torch.Tensor:
+        """Backward of `objective` (teacher: its icl_* rows, if the batch has them); returns the LM loss, detached."""
+        teacher = {n: v for n, v in teacher.items() if n in ("icl_input_ids", "icl_attention_mask")}
+        total, lm = self.objective(input_ids, attention_mask, labels, **teacher)
+        (total * loss_scale).backward()
+        return lm.detach()
+
+    def tokens_after_gists(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B,) real tokens after each row's last gist token (right-padded rows)."""
+        is_gist = torch.isin(input_ids, torch.tensor(self.gist_token_ids, device=input_ids.device))
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        last = torch.where(is_gist, positions, torch.full_like(positions, -1)).amax(1)
+        return attention_mask.long().sum(1) - 1 - last
+
+    def _teacher_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The frozen base's hidden states on the teacher rows, one (B, Lt, d) per layer."""
+        if self._teacher:
+            return teacher_hidden_states(self._teacher[0], input_ids, attention_mask)
+        with self.model.disable_adapter():
+            return teacher_hidden_states(self.model, input_ids, attention_mask)
 
     @torch.no_grad()
     def score(self, input_ids, attention_mask, labels) -> tuple[torch.Tensor, torch.Tensor]:

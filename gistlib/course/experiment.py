@@ -60,6 +60,10 @@ class RunConfig:
     threads: int = 0  # torch threads (0: leave as is)
     progress: bool = True
     retrain: bool = False  # a cached model trained with other settings is trained again (default: refused)
+    # another config whose trained models this one scores on its own test episodes ("": its own): the
+    # sections that shape training (model, base, hyper, train; run.cache_dir, shipped_dir, seeds) come
+    # from that file, and its data trains them (`trainer_experiment`)
+    trained_by: str = ""
 
     def __post_init__(self):
         check_fields(self, {"seeds": len(self.seeds) >= 1, "threads": self.threads >= 0})
@@ -173,6 +177,7 @@ class StagesConfig:
     gisting_steps: int = 600
     gisting_lr: float = 1e-3
     gisting_batch: int = 64
+    gisting_distill_weight: float = 0.0  # ICL distillation for Gisting, as hyper.distill_weight is for HyperLlama
     multitask_steps: int = 600  # multitask_icl: a LoRA on the base, demos in context, the same episodes
     multitask_lr: float = 1e-3
     multitask_batch: int = 64
@@ -186,6 +191,7 @@ class StagesConfig:
         checks = {
             "hyper_steps": self.hyper_steps >= 1,
             "gisting_steps": self.gisting_steps >= 1,
+            "gisting_distill_weight": self.gisting_distill_weight >= 0,
             "multitask_steps": self.multitask_steps >= 1,
             "teacher_queries": 0 <= self.teacher_queries <= self.queries_per_task,
             "adapter": self.adapter in ("full", "lora"),
@@ -279,13 +285,57 @@ def experiment_from_dict(raw: dict, where: str = "config") -> Experiment:
     return Experiment(**built)
 
 
-def load_experiment(path_or_name: str | Path, overrides: list[str] | None = None) -> Experiment:
-    """A config file (or the name of one under configs/, e.g. "pocket"), with `section.field=value` overrides."""
+def _config_path(path_or_name: str | Path) -> Path:
     path = Path(path_or_name)
     if not path.suffix and not path.exists():
-        path = CONFIG_DIR / f"{path_or_name}.json"
+        return CONFIG_DIR / f"{path_or_name}.json"
+    return path if path.is_absolute() or path.exists() else REPO_ROOT / path
+
+
+TRAINING_SECTIONS = ("model", "base", "hyper", "train")  # what a `run.trained_by` config takes from its trainer
+TRAINING_RUN_FIELDS = ("cache_dir", "shipped_dir", "seeds")
+
+
+def load_experiment(path_or_name: str | Path, overrides: list[str] | None = None) -> Experiment:
+    """A config file (or the name of one under configs/, e.g. "pocket"), with `section.field=value` overrides.
+
+    With `run.trained_by`, the training sections and run fields come from that file (neither the config nor
+    an override may set them: change them there)."""
+    path = _config_path(path_or_name)
     raw = apply_overrides(read_json(path), overrides, SECTIONS)
+    trainer = raw.get("run", {}).get("trained_by")
+    if trainer:
+        raw = _with_trainer_sections(raw, _config_path(trainer), str(path))
     return experiment_from_dict(raw, str(path))
+
+
+def _with_trainer_sections(raw: dict, trainer_path: Path, where: str) -> dict:
+    """`raw` with TRAINING_SECTIONS and TRAINING_RUN_FIELDS copied from the trainer config at `trainer_path`."""
+    if not trainer_path.exists():
+        raise ConfigError(f"{where}: run.trained_by {trainer_path}: no such config file")
+    trainer = read_json(trainer_path)
+    if trainer.get("run", {}).get("trained_by"):
+        raise ConfigError(f"{where}: run.trained_by {trainer_path} is itself trained by another config: name that one")
+    clash = [s for s in TRAINING_SECTIONS if s in raw] + [f"run.{f}" for f in TRAINING_RUN_FIELDS if f in raw["run"]]
+    if clash:
+        raise ConfigError(
+            f"{where}: sets {', '.join(clash)}, which come from run.trained_by ({trainer_path}): change them there"
+        )
+    out = {**raw, **{s: trainer[s] for s in TRAINING_SECTIONS if s in trainer}}
+    run = {f: trainer["run"][f] for f in TRAINING_RUN_FIELDS if f in trainer.get("run", {})}
+    return out | {"run": {**raw["run"], **run}}
+
+
+def trainer_experiment(exp: Experiment) -> Experiment:
+    """The experiment that trains the models `exp` scores: `exp` itself, or (run.trained_by) `exp` with the
+    trainer config's data, so every cached model carries the trainer's settings. Under `--tiny` the trainer's
+    data is shrunk the same way."""
+    if not exp.run.trained_by:
+        return exp
+    trainer = experiment_from_dict(read_json(_config_path(exp.run.trained_by)), exp.run.trained_by)
+    if exp.model.source == "tiny" and trainer.model.source != "tiny":
+        trainer = tiny_experiment(trainer)
+    return replace(exp, data=trainer.data)
 
 
 def tiny_experiment(exp: Experiment) -> Experiment:

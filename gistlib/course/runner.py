@@ -56,7 +56,7 @@ from gistlib.train.evaluate import (
 from gistlib.train.loop import TrainConfig, train
 from gistlib.train.prefix_tuning import random_prefix, tune_prefixes, vocab_prefix
 
-from .experiment import Experiment
+from .experiment import Experiment, trainer_experiment
 
 __all__ = [
     "Bundle",
@@ -169,6 +169,17 @@ def load_bundle(exp: Experiment) -> Bundle:
     gist = add_gist_tokens(tok, k_max)[:k_max]
     source = make_source(exp.data, tok, exp.hyper.num_gist_tokens, tasks)
     return Bundle(exp, tok, source, path, gist)
+
+
+def trainer_bundle(b: Bundle) -> Bundle:
+    """The bundle that trains (or loads) the models `b` scores: `b`, or with run.trained_by the trainer's
+    experiment and data over `b`'s tokenizer and base (so token ids and weights are the same)."""
+    if not b.exp.run.trained_by:
+        return b
+    exp = trainer_experiment(b.exp)
+    source = make_source(exp.data, b.tokenizer, exp.hyper.num_gist_tokens)
+    print(f"trained by {b.exp.run.trained_by}: {len(source.train)} training tasks ({exp.data.family})")
+    return Bundle(exp, b.tokenizer, source, b.base_dir, b.gist_pool)
 
 
 def _sized_llama(m, tokenizer, **extra):
@@ -487,16 +498,18 @@ def train_hyper(b: Bundle, k: int, seed: int) -> tuple[HyperLlama, list[dict]]:
 
 
 def _lm_trainee(
-    b: Bundle, name: str, settings: dict, mask: str, lora_rank: int, k: int = 0
+    b: Bundle, name: str, settings: dict, mask: str, lora_rank: int, k: int = 0, distill_weight: float = 0.0
 ) -> tuple[LMTrainee, Path, bool]:
     """A fresh base as an LMTrainee (loaded from its folder's final/ if shipped or cached), the folder, and True
-    if it still has to be trained."""
+    if it still has to be trained. distill_weight > 0: a frozen fresh base teaches it (with every weight
+    trained; a LoRA's teacher is its own base)."""
     run, shipped = _run_folder(b, name, settings)
     if not shipped:
         check_run_settings(run, settings, b.exp.run.retrain)
+    teacher = b.fresh_base() if distill_weight and not lora_rank else None
     trainee = LMTrainee(
         b.fresh_base(embed_gist_tokens=mask == "gist"), mask=mask, gist_token_ids=b.gist_ids(k) if k else None,
-        lora_rank=lora_rank, lora_alpha=b.exp.hyper.lora_alpha,
+        lora_rank=lora_rank, lora_alpha=b.exp.hyper.lora_alpha, distill_weight=distill_weight, teacher=teacher,
     )  # fmt: skip
     cached = (run / "final" / "model.safetensors").exists() or (run / "final" / "adapter_model.safetensors").exists()
     if cached:
@@ -517,8 +530,11 @@ def train_gisting(b: Bundle, k: int, seed: int = 0) -> tuple[LMTrainee, list[dic
     rank = exp.hyper.lora_rank if t.adapter == "lora" else 0
     fields = ("gisting_steps", "gisting_lr", "gisting_batch", "adapter", "grad_accum", "eval_every", "patience",
               "val_episodes")  # fmt: skip
+    if t.gisting_distill_weight:  # stamped only when used: runs trained before the field existed stay valid
+        fields += ("gisting_distill_weight",)
     settings = _stamp(exp, {"model": None, "data": None, "train": fields}, k=k, lora_rank=rank, seed=seed)
-    trainee, run, todo = _lm_trainee(b, f"gisting-k{k}-s{seed}", settings, "gist", rank, k)
+    weight = t.gisting_distill_weight
+    trainee, run, todo = _lm_trainee(b, f"gisting-k{k}-s{seed}", settings, "gist", rank, k, weight)
     if not todo:
         return trainee.eval(), _read_log(run / "run" / "metrics.jsonl")
     val = b.source.validation_episodes(t.val_episodes)
@@ -531,6 +547,7 @@ def train_gisting(b: Bundle, k: int, seed: int = 0) -> tuple[LMTrainee, list[dic
         t.gisting_batch,
         b.fmt,
         d.max_hyper_tokens + d.max_tokens,
+        teacher=weight > 0,
     )
     tcfg = _stage(exp, t.gisting_steps, t.gisting_lr, run / "run", seed=seed, warmup_cap=50)
     records = train(trainee, batches, tcfg, evaluate=score if t.eval_every else None)
@@ -699,6 +716,7 @@ def run_experiment(exp: Experiment, bundle: Bundle | None = None) -> dict:
         timings[name] = round(time.perf_counter() - t0 - sum(timings.values()), 1)
 
     b = bundle or load_bundle(exp)
+    tb = trainer_bundle(b)  # trains the methods: b itself unless run.trained_by names another config
     tok, fmt, ev = b.tokenizer, b.fmt, exp.eval
     lap("load")
     test = b.source.test_episodes(ev.test_episodes, ev.queries_per_episode, ev.seed)
@@ -728,7 +746,7 @@ def run_experiment(exp: Experiment, bundle: Bundle | None = None) -> dict:
     if exp.runs("gisting"):
         gisting_seeds = {}
         for seed in exp.run.seeds:
-            gist_model, logs[f"gisting_seed{seed}"] = train_gisting(b, k0, seed)
+            gist_model, logs[f"gisting_seed{seed}"] = train_gisting(tb, k0, seed)
             gisting_seeds[str(seed)] = score(gisting_method(gist_model.model, test, b, k0))
             del gist_model
         results["gisting"] = _over_seeds(gisting_seeds)
@@ -738,7 +756,7 @@ def run_experiment(exp: Experiment, bundle: Bundle | None = None) -> dict:
     runs = _hyper_runs(exp)
     if runs:
         for k, seed in tqdm(runs, desc="hyperllama runs", disable=not exp.run.progress):
-            hyper, log = train_hyper(b, k, seed)
+            hyper, log = train_hyper(tb, k, seed)
             with torch.no_grad():
                 method, prefixes = hyper_prefix_method(hyper, test, b)
                 with hyper.downstream_mode():
@@ -760,7 +778,7 @@ def run_experiment(exp: Experiment, bundle: Bundle | None = None) -> dict:
     lap("prefix_tuning")
 
     if exp.runs("multitask_icl"):
-        mt, logs["multitask_icl"] = train_multitask_icl(b)
+        mt, logs["multitask_icl"] = train_multitask_icl(tb)
         results["multitask_icl"] = score(_icl_method(mt.model, b, "multitask_icl"))
         lap("multitask_icl")
 

@@ -130,10 +130,23 @@ def gisting_batches(
     batch_size: int,
     fmt: RenderFormat = COMPACT,
     max_tokens: int = 256,
+    teacher: bool = False,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Single-sequence gisting rows (B, L) from the first query of each episode, labels on the answer."""
+    """Single-sequence gisting rows (B, L) from the first query of each episode, labels on the answer.
+
+    teacher: also `icl_input_ids`, `icl_attention_mask` (B, Lt), right padded: each row without its gist
+    tokens, `[BOS] demos query answer`, the in-context row that teaches it (`gistlib.core.distill`)."""
     render = lambda ep, q: render_gisting(ep, q, tokenizer, gist_ids, fmt, max_tokens)
-    return _single_sequence_batches(episodes, render, tokenizer.pad_token_id, batch_size)
+    rows = _single_sequence_batches(episodes, render, tokenizer.pad_token_id, batch_size)
+    return (_with_teacher_rows(b, set(gist_ids), tokenizer.pad_token_id) for b in rows) if teacher else rows
+
+
+def _with_teacher_rows(batch: dict[str, torch.Tensor], gist_ids: set[int], pad_id: int) -> dict[str, torch.Tensor]:
+    """`batch` plus each row's real tokens without the gists, right padded, as `icl_*` (B, Lt)."""
+    real = [ids[m.bool()].tolist() for ids, m in zip(batch["input_ids"], batch["attention_mask"])]
+    rows = [[t for t in row if t not in gist_ids] for row in real]
+    teacher = collate(rows, pad_id)
+    return batch | {"icl_input_ids": teacher["input_ids"], "icl_attention_mask": teacher["attention_mask"]}
 
 
 def hyper_batches(
