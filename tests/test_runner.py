@@ -316,3 +316,17 @@ def test_validation_tasks_are_held_out_of_training():
     assert _hold_out(tasks, tasks[:1], 3, seed=0) == (tasks, tasks[:1])  # a real validation split is kept
     with pytest.raises(ValueError, match="no training task"):
         _hold_out(tasks, [], 10, seed=0)
+
+
+def test_median_over_templates_is_t0s_protocol():
+    """Per dataset, the median over templates of each template's mean accuracy; nothing for non-template tasks."""
+    from types import SimpleNamespace
+
+    from gistlib.course.runner import median_over_templates
+
+    tasks = ["cb__t1", "cb__t1", "cb__t2", "cb__t3", "rte__a", "rte__b"]
+    eps = [SimpleNamespace(task=t) for t in tasks]
+    res = SimpleNamespace(per_episode=[1.0, 0.5, 0.25, 0.5, 0.0, 1.0])
+    # cb: templates 0.75, 0.25, 0.5 -> median 0.5; rte: 0.0, 1.0 -> 0.5 (the mean of the middle two)
+    assert median_over_templates(res, eps) == {"cb": 0.5, "rte": 0.5}
+    assert median_over_templates(res, [SimpleNamespace(task="task1155")] * 6) == {}

@@ -55,6 +55,21 @@ def _per_task_table(m: dict) -> list[str]:
     return lines
 
 
+def _template_median_table(m: dict) -> list[str]:
+    """P3: per dataset, each method's median accuracy over the dataset's templates (T0's protocol)."""
+    names = [n for n in METHOD_ORDER if m.get(n, {}).get("median_over_templates")]
+    if not names:
+        return []
+    datasets = list(m[names[0]]["median_over_templates"])
+    lines = ["", "Median accuracy over templates (T0's protocol), per held-out dataset:", "",
+             "| method | " + " | ".join(datasets) + " | mean |", "|---|" + "---|" * (len(datasets) + 1)]  # fmt: skip
+    for n in names:
+        med = m[n]["median_over_templates"]
+        cells = [med.get(d, float("nan")) for d in datasets]
+        lines.append(f"| {n} | " + " | ".join(f"{c:.3f}" for c in cells) + f" | {sum(cells) / len(cells):.3f} |")
+    return lines
+
+
 def results_table(summary: dict) -> str:
     """Markdown: methods (accuracy, 95% CI, n, by level), seeds, the prefix ladder, gist sweep, compression."""
     m = summary["methods"]
@@ -73,6 +88,7 @@ def results_table(summary: dict) -> str:
             )
     lines += [f"\n{name} not run: {why}" for name, why in summary.get("skipped_methods", {}).items()]
     lines += _per_task_table(m)
+    lines += _template_median_table(m)
     for name in METHOD_ORDER:
         seeds = m.get(name, {}).get("per_seed", {})
         if seeds:

@@ -26,6 +26,7 @@ import hashlib
 import json
 import platform
 import shutil
+import statistics
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -685,6 +686,20 @@ def _by_group(result, groups: list[str]) -> dict[str, float]:
     return {g: sum(v) / len(v) for g, v in sorted(out.items())}
 
 
+def median_over_templates(result, episodes) -> dict[str, float]:
+    """T0's protocol for P3 (tasks named `dataset__template`): per dataset, the median over its templates of
+    each template's accuracy (the mean over its episodes); {} when the tasks are not templates."""
+    per_template: dict[str, list[float]] = {}
+    for v, ep in zip(result.per_episode, episodes):
+        per_template.setdefault(ep.task, []).append(v)
+    if not all("__" in t for t in per_template):
+        return {}
+    by_dataset: dict[str, list[float]] = {}
+    for task, values in per_template.items():
+        by_dataset.setdefault(task.split("__")[0], []).append(sum(values) / len(values))
+    return {d: statistics.median(v) for d, v in sorted(by_dataset.items())}
+
+
 def _over_seeds(per_seed: dict[str, dict]) -> dict:
     """A trained method's entry: its first seed's scores, every seed's (`per_seed`), and the mean and spread
     (max - min) of the headline metric (ROUGE-L where answers are generated, else accuracy) over seeds."""
@@ -730,7 +745,9 @@ def run_experiment(exp: Experiment, bundle: Bundle | None = None) -> dict:
 
     def score(method) -> dict:
         res = evaluate(method, test, tok, fmt, ev.batch_size, ev.max_new_tokens)
-        return {**res.as_dict(), "by_group": _by_group(res, groups)}
+        entry = {**res.as_dict(), "by_group": _by_group(res, groups)}
+        medians = median_over_templates(res, test)
+        return entry | ({"median_over_templates": medians} if medians else {})
 
     base = b.fresh_base()
     if exp.runs("zero_shot"):
@@ -794,7 +811,7 @@ def run_experiment(exp: Experiment, bundle: Bundle | None = None) -> dict:
         "prefix_tuning": ladder,
         "gist_sweep": sweep if exp.runs("hyperllama") else {},
         "compression": [compression(b, base, test, k) for k in exp.gist_counts],
-        "data": {"train_tasks": len(b.source.train), "test_tasks": len(b.source.test), "test_episodes": len(test),
+        "data": {"train_tasks": len(tb.source.train), "test_tasks": len(b.source.test), "test_episodes": len(test),
                  "skipped": b.source.report.num_skipped, "skipped_reasons": list(b.source.report.skipped)[:50]},
         "timings_s": timings,
         "wall_time_s": round(time.perf_counter() - t0, 1),
