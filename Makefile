@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: main test setup smol smol-rebuild
+.PHONY: main test setup smol smol-rebuild smol-transfer
 setup: $(VENV)/.installed
 
 # torch first, pinned: on a CPU-only machine `torch==2.13.0` is the CPU wheel; anything unpinned, or
@@ -32,6 +32,12 @@ main: setup
 # adapters shipped in data/smol (data/smol/README.md); about 55 min on one CPU thread (37 of them prefix tuning)
 smol: setup
 	$(BIN)/python -m gistlib run configs/smol.json
+
+# the smol tier's shipped models (trained on SNI) scored on P3 held-out sets and a symbol-tuning split of
+# classification sets: configs with run.trained_by = configs/smol.json, nothing is trained
+smol-transfer: setup
+	$(BIN)/python -m gistlib run configs/smol-p3.json
+	$(BIN)/python -m gistlib run configs/smol-symbol.json
 
 # retrain the shipped smol adapters from scratch (1 thread: about 1 h each, the two can run side by side) and
 # copy them into data/smol (settings, final weights and training logs; no checkpoints)

@@ -32,6 +32,7 @@ from transformers import DynamicCache, LlamaForCausalLM
 
 from gistlib.core.hyper import HyperConfig, HyperLlama
 from gistlib.core.prefix import Prefix, forward_with_prefix
+from gistlib.models.flops import flops_bound
 from gistlib.models.smol import smol_shaped_config
 from gistlib.serve import PrefixStore
 from gistlib.train.evaluate import generate_ids
@@ -228,6 +229,7 @@ def bench_model(name: str, ns: tuple[int, ...], batches: tuple[int, ...], repeat
                         "cache_transformers_ms_per_query": 1e3 * pq["cache_transformers"],
                         "gist_transformers_ms_per_query": 1e3 * pq["gist_transformers"],
                         "gist_vs_cache_per_query": best_cache / pq["gist"],
+                        "flops_cache_over_gist_per_query": flops_bound(server.config, n, K, Q_TOKENS),
                         **{f"gist_vs_cache_amortised_q{Q}": amort[Q] for Q in QS},
                         "decode_gist_ms_per_query": 1e3 * pq_dec["gist"],
                         "decode_cache_ms_per_query": 1e3 * best_cache_dec,
@@ -325,10 +327,12 @@ def main(argv=None) -> dict:
             ("cache_transformers_ms_per_query", "cache HF ms/q", ".3f"),
             ("gist_transformers_ms_per_query", "gist HF ms/q", ".3f"),
             ("gist_vs_cache_per_query", "best cache/gist", ".2f"),
+            ("flops_cache_over_gist_per_query", "FLOPs cache/gist", ".2f"),
             *[(f"gist_vs_cache_amortised_q{Q}", f"Q={Q}", ".2f") for Q in QS],
         ],
         f"Scoring q={Q_TOKENS} tokens per query; cache/gist time (> 1: gist faster), per query and amortised "
-        "over Q queries per task (one-time cost / Q added to each)",
+        "over Q queries per task (one-time cost / Q added to each); FLOPs cache/gist: the same ratio in arithmetic "
+        "(gistlib.models.flops: the dense layers, the same for both, are most of a query at SmolLM2 size)",
     )
     t3 = print_table(
         cells,

@@ -255,6 +255,22 @@ def test_every_method_runs_on_a_tiny_4bit_model(name, tmp_path):
 
 
 @needs_data
+@pytest.mark.parametrize("name", ["smol-p3", "smol-symbol"])
+def test_configs_trained_by_the_smol_tier_run_on_a_tiny_model(name, tmp_path):
+    """The smol tier's models scored on P3 held-out sets and a symbol-tuning split (`run.trained_by`), on a tiny
+    4-bit model: the trainer's SNI data trains, this config's data is scored (P3: the median over templates)."""
+    sets = [f"run.out_dir={tmp_path / 'out'}", f"run.cache_dir={tmp_path / 'runs'}", "run.progress=false"]
+    exp = tiny_experiment(load_experiment(name, sets))
+    assert exp.run.trained_by == "configs/smol.json" and exp.model.source == "tiny"
+    summary = run_experiment(exp)
+    assert summary["data"]["train_tasks"] > 10  # the SNI training tasks, not this config's placeholder
+    for method in ("zero_shot", "icl", "multitask_icl", "hyperllama", "wrong_task_prefix"):
+        assert math.isfinite(summary["methods"][method]["accuracy"]), method
+        assert bool(summary["methods"][method].get("median_over_templates")) == (name == "smol-p3")
+    assert (tmp_path / "runs" / "tiny" / "hyper-k4-s0" / "final").exists()
+
+
+@needs_data
 def test_training_leaves_the_4bit_base_bit_identical(tmp_path):
     exp = tiny_experiment(load_experiment("symbol", [f"run.cache_dir={tmp_path}", "run.progress=false"]))
     b = load_bundle(exp)

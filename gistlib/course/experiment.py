@@ -61,8 +61,8 @@ class RunConfig:
     progress: bool = True
     retrain: bool = False  # a cached model trained with other settings is trained again (default: refused)
     # another config whose trained models this one scores on its own test episodes ("": its own): the
-    # sections that shape training (model, base, hyper, train; run.cache_dir, shipped_dir, seeds) come
-    # from that file, and its data trains them (`trainer_experiment`)
+    # sections that shape training (model, base, hyper, train) come from that file, and run.cache_dir,
+    # shipped_dir and seeds unless set here; its data trains them (`trainer_experiment`)
     trained_by: str = ""
 
     def __post_init__(self):
@@ -293,14 +293,14 @@ def _config_path(path_or_name: str | Path) -> Path:
 
 
 TRAINING_SECTIONS = ("model", "base", "hyper", "train")  # what a `run.trained_by` config takes from its trainer
-TRAINING_RUN_FIELDS = ("cache_dir", "shipped_dir", "seeds")
+TRAINING_RUN_FIELDS = ("cache_dir", "shipped_dir", "seeds")  # the trainer's, unless this config sets them
 
 
 def load_experiment(path_or_name: str | Path, overrides: list[str] | None = None) -> Experiment:
     """A config file (or the name of one under configs/, e.g. "pocket"), with `section.field=value` overrides.
 
-    With `run.trained_by`, the training sections and run fields come from that file (neither the config nor
-    an override may set them: change them there)."""
+    With `run.trained_by`, the training sections come from that file (neither the config nor an override may
+    set them: change them there), and so do run.cache_dir, shipped_dir and seeds unless this config sets them."""
     path = _config_path(path_or_name)
     raw = apply_overrides(read_json(path), overrides, SECTIONS)
     trainer = raw.get("run", {}).get("trained_by")
@@ -316,14 +316,14 @@ def _with_trainer_sections(raw: dict, trainer_path: Path, where: str) -> dict:
     trainer = read_json(trainer_path)
     if trainer.get("run", {}).get("trained_by"):
         raise ConfigError(f"{where}: run.trained_by {trainer_path} is itself trained by another config: name that one")
-    clash = [s for s in TRAINING_SECTIONS if s in raw] + [f"run.{f}" for f in TRAINING_RUN_FIELDS if f in raw["run"]]
+    clash = [s for s in TRAINING_SECTIONS if s in raw]
     if clash:
         raise ConfigError(
             f"{where}: sets {', '.join(clash)}, which come from run.trained_by ({trainer_path}): change them there"
         )
     out = {**raw, **{s: trainer[s] for s in TRAINING_SECTIONS if s in trainer}}
     run = {f: trainer["run"][f] for f in TRAINING_RUN_FIELDS if f in trainer.get("run", {})}
-    return out | {"run": {**raw["run"], **run}}
+    return out | {"run": {**run, **raw["run"]}}  # where the models are and which seeds: the trainer's by default
 
 
 def trainer_experiment(exp: Experiment) -> Experiment:

@@ -273,19 +273,27 @@ def results_markdown(summaries: list[dict]) -> str:
 
 
 def write_report(summary: dict, out: Path) -> dict[str, Path]:
-    """summary.json, results.md and the PNG plots into `out`; returns the paths."""
+    """summary.json, results.md and the PNG plots that have something to show into `out`; returns the paths."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"summary": out / "summary.json", "table": out / "results.md"}
     paths["summary"].write_text(json.dumps(summary, indent=1))
     paths["table"].write_text(results_table(summary) + "\n")
     plt = _plt()
+    shows = {  # a plot with nothing to show is not drawn
+        "methods": bool(summary["methods"]),
+        "prefix_tuning": bool(summary.get("prefix_tuning")),
+        "losses": any(summary.get("logs", {}).values()),
+        "tradeoff": len(summary.get("gist_sweep", {})) > 1,
+    }
     for name, fn in [
         ("methods", plot_methods),
         ("prefix_tuning", plot_prefix_ladder),
         ("losses", plot_losses),
         ("tradeoff", plot_tradeoff),
     ]:
+        if not shows[name]:
+            continue
         fig = fn(summary)
         paths[name] = out / f"{name}.png"
         fig.savefig(paths[name], dpi=110)
