@@ -389,8 +389,12 @@ def check_playground(page: Page, box: ElementHandle, tag: str) -> str:
     old = answer.text_content()
     for name, text in typed.items():
         fields[name].fill(text)
-    box.query_selector("button.widget-button").click()
-    page.wait_for_function("([el, old]) => el.textContent !== old", arg=[answer, old], timeout=REDRAW_TIMEOUT_MS)
+    button = box.query_selector("button.widget-button")
+    button.click()
+    # a busy playground disables its button (lesson 8 shows a progress line first): wait for the answer itself
+    page.wait_for_function(
+        "([el, old, b]) => el.textContent !== old && !b.disabled", arg=[answer, old, button], timeout=REDRAW_TIMEOUT_MS
+    )
     page.wait_for_timeout(200)
     text = answer.text_content()
     box.screenshot(path=str(SHOTS / f"{tag}-1-asked.png"))

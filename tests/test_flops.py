@@ -21,7 +21,9 @@ def counted_flops(model, context: int, q: int) -> int:
 
 
 def test_query_flops_match_torchs_count():
-    model = build_tiny_llama(attn_implementation="eager", num_layers=3, num_heads=4, num_kv_heads=2, intermediate_size=96)
+    model = build_tiny_llama(
+        attn_implementation="eager", num_layers=3, num_heads=4, num_kv_heads=2, intermediate_size=96
+    )
     for context, q in ((5, 1), (17, 4), (40, 8)):
         assert query_flops(model.config, context, q)["total"] == counted_flops(model, context, q), (context, q)
 

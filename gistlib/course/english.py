@@ -341,17 +341,16 @@ def english_widget(
             definition_box.value, examples_box.value, queries_box.value = EXAMPLE_TASKS[change["new"]]
 
     def run(_=None) -> None:
+        button.disabled = True  # one question at a time; enabled again once the answer is shown
         show("making the prefix and asking every method ...")
-        button.disabled = True  # one question at a time
         try:
             episode = english_episode(definition_box.value, examples_box.value, queries_box.value)
             c = compare(b, hyper, episode, multitask)
+            show(describe_prefix(c) + "\n\n" + format_comparison(c))
         except ValueError as e:  # the learner's typing (or a text over the token budget), not a bug: say what
             show(f"error: {e}")
-            return
         finally:
             button.disabled = False
-        show(describe_prefix(c) + "\n\n" + format_comparison(c))
 
     menu.observe(fill, names="value")
     button.on_click(run)
