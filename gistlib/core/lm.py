@@ -92,10 +92,15 @@ class LMTrainee(nn.Module):
             return make_gist_mask(input_ids, self.gist_token_ids, attention_mask=attention_mask)
         return make_causal_mask(input_ids, attention_mask=attention_mask)
 
+    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, hidden: bool = False):
+        """The model's output under the mask, positions counting real tokens from 0 (hidden: every layer's)."""
+        mask = self.attention_mask_4d(input_ids, attention_mask)
+        positions = positions_from_mask(attention_mask)
+        return forward_with_mask(self.model, mask, positions, input_ids=input_ids, output_hidden_states=hidden)
+
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, L, V) logits under the mask, positions counting real tokens from 0."""
-        mask = self.attention_mask_4d(input_ids, attention_mask)
-        return forward_with_mask(self.model, mask, positions_from_mask(attention_mask), input_ids=input_ids).logits
+        return self._forward(input_ids, attention_mask).logits
 
     def objective(
         self,
@@ -108,9 +113,7 @@ class LMTrainee(nn.Module):
         """(loss to minimise, LM loss on `labels`): the two differ by distill_weight x the distillation term
         when the batch has teacher rows, (B, Lt) `[BOS] demos x y` for each (B, L) row."""
         teach = icl_input_ids is not None and self.distill_weight > 0
-        mask = self.attention_mask_4d(input_ids, attention_mask)
-        positions = positions_from_mask(attention_mask)
-        out = forward_with_mask(self.model, mask, positions, input_ids=input_ids, output_hidden_states=teach)
+        out = self._forward(input_ids, attention_mask, hidden=teach)
         lm = token_loss(out.logits, labels)
         if not teach:
             return lm, lm
