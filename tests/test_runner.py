@@ -346,3 +346,39 @@ def test_median_over_templates_is_t0s_protocol():
     # cb: templates 0.75, 0.25, 0.5 -> median 0.5; rte: 0.0, 1.0 -> 0.5 (the mean of the middle two)
     assert median_over_templates(res, eps) == {"cb": 0.5, "rte": 0.5}
     assert median_over_templates(res, [SimpleNamespace(task="task1155")] * 6) == {}
+
+
+def test_the_curriculum_feeds_its_levels_first_then_every_task(tmp_path):
+    """train.curriculum_*: the first curriculum_steps x batch episodes come from the named levels only; the stream
+    then draws from every training task; a level no training task has is refused by name."""
+    from gistlib.course.runner import _training_episodes
+
+    exp = _smoke(tmp_path, 'train.curriculum_levels=["C2"]', "train.curriculum_steps=3")
+    b = load_bundle(exp)
+    level = {t.name: t.meta["level"] for t in b.source.train}
+    assert {"C2", "C4"} <= set(level.values())
+    stream = _training_episodes(b, seed=0, num_queries=1, episodes_per_step=5)
+    head = [next(stream) for _ in range(15)]
+    assert {level[e.task] for e in head} == {"C2"}
+    rest = [level[next(stream).task] for _ in range(200)]
+    assert len(set(rest)) > 1
+    bad = replace(exp, train=replace(exp.train, curriculum_levels=("C9",)))
+    with pytest.raises(ValueError, match="curriculum_levels"):
+        _training_episodes(replace(b, exp=bad), 0, 1, 5)
+
+
+def test_training_side_by_side_gives_the_numbers_of_one_process(tmp_path):
+    """run.workers=2 trains every model in two spawned processes at one thread each; the summary's trained
+    numbers and training logs equal those of another run in one process at one thread (so two runs with the same
+    settings give the same numbers), and the environment records how the models were trained."""
+    methods = 'methods.enabled=["zero_shot","gisting","hyperllama","multitask_icl"]'
+    one = run_experiment(_smoke(tmp_path / "one", methods, "run.threads=1", "run.workers=1"))
+    base = f"model.path={tmp_path / 'one' / 'runs' / 'base'}"
+    two = run_experiment(_smoke(tmp_path / "two", methods, base, "run.threads=2", "run.workers=2"))
+    assert two["environment"]["training_processes"] == 2 and two["environment"]["training_threads"] == 1
+    assert "training_side_by_side" in two["timings_s"]
+    assert one["environment"]["training_processes"] == 1
+    for name in ("gisting", "hyperllama", "multitask_icl"):
+        assert two["methods"][name]["accuracy"] == one["methods"][name]["accuracy"], name
+    for log in one["logs"]:
+        assert [r["loss"] for r in two["logs"][log]] == [r["loss"] for r in one["logs"][log]], log

@@ -57,7 +57,10 @@ class RunConfig:
     # settings.json equals the settings asked for is loaded from there instead of trained ("": none)
     shipped_dir: str = ""
     seeds: tuple[int, ...] = (0, 1, 2)  # HyperLlama seeds (the other methods train once, seed 0)
-    threads: int = 0  # torch threads (0: leave as is)
+    threads: int = 0  # torch threads (0: the free cores, gistlib.threads)
+    # processes that train the models side by side before scoring, one torch thread each (gistlib.course.parallel):
+    # 0: one per free core (the thread count chosen above); 1: train in this process at `threads`
+    workers: int = 1
     progress: bool = True
     retrain: bool = False  # a cached model trained with other settings is trained again (default: refused)
     # another config whose trained models this one scores on its own test episodes ("": its own): the
@@ -66,7 +69,7 @@ class RunConfig:
     trained_by: str = ""
 
     def __post_init__(self):
-        check_fields(self, {"seeds": len(self.seeds) >= 1, "threads": self.threads >= 0})
+        check_fields(self, {"seeds": len(self.seeds) >= 1, "threads": self.threads >= 0, "workers": self.workers >= 0})
 
 
 @dataclass
@@ -174,6 +177,10 @@ class StagesConfig:
     tasks_per_batch: int = 32
     queries_per_task: int = 4
     teacher_queries: int = 1  # queries per task with an in-context teacher row (hyper.distill_weight > 0)
+    # curriculum: each trained method's first `curriculum_steps` batches come from the training tasks of these
+    # pocket levels only (the base itself needed a C2 stage to leave its plateau); () or 0 steps: none
+    curriculum_levels: tuple[str, ...] = ()
+    curriculum_steps: int = 0
     gisting_steps: int = 600
     gisting_lr: float = 1e-3
     gisting_batch: int = 64
@@ -194,6 +201,7 @@ class StagesConfig:
             "gisting_distill_weight": self.gisting_distill_weight >= 0,
             "multitask_steps": self.multitask_steps >= 1,
             "teacher_queries": 0 <= self.teacher_queries <= self.queries_per_task,
+            "curriculum_steps": self.curriculum_steps >= 0,
             "adapter": self.adapter in ("full", "lora"),
             "grad_accum": self.grad_accum >= 1,
             "val_episodes": self.val_episodes >= 1,

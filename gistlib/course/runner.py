@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import shutil
 import statistics
@@ -250,7 +251,7 @@ def _run_folder(b: Bundle, name: str, settings: dict) -> tuple[Path, bool]:
     return b.cache / name, False
 
 
-def _hyper_runs(exp: Experiment) -> list[tuple[int, int]]:
+def hyper_runs(exp: Experiment) -> list[tuple[int, int]]:
     """The (k, seed) HyperLlama runs `exp` needs: every seed at the main k, the first seed at each sweep k; none
     when no method reads a HyperLlama."""
     if not (exp.runs("hyperllama") or exp.runs("prefix_tuning") or exp.runs("wrong_task_prefix")):
@@ -262,7 +263,7 @@ def _hyper_runs(exp: Experiment) -> list[tuple[int, int]]:
 def trained_model_dirs(exp: Experiment) -> list[str]:
     """The folder names (under cache_dir) of the models `exp` trains: HyperLlama per seed and k, Gisting,
     multitask ICL."""
-    names = [f"hyper-k{k}-s{s}" for k, s in _hyper_runs(exp)]
+    names = [f"hyper-k{k}-s{s}" for k, s in hyper_runs(exp)]
     if exp.runs("gisting"):
         names += [f"gisting-k{exp.hyper.num_gist_tokens}-s{s}" for s in exp.run.seeds]
     if exp.runs("multitask_icl"):
@@ -308,7 +309,10 @@ def check_cache_base(cache_dir: Path, base_dir: Path) -> None:
             f" != {now!r}): delete {cache_dir} (or choose another run.cache_dir) to retrain them over this base"
         )
     cache_dir.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(now)
+    if not stamp.exists():  # written once: training processes side by side only read it
+        tmp = stamp.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(now)
+        os.replace(tmp, stamp)
 
 
 # --- training stages --------------------------------------------------------------------------------
@@ -332,6 +336,22 @@ def _stage(exp: Experiment, steps: int, lr: float, out_dir: Path, seed: int, war
         seed=seed,
         log_every=25,
     )
+
+
+CURRICULUM_FIELDS = ("curriculum_levels", "curriculum_steps")
+
+
+def _curriculum_fields(exp: Experiment) -> tuple[str, ...]:
+    """The curriculum's fields, stamped only when it is on: models trained before it existed stay valid."""
+    return CURRICULUM_FIELDS if exp.train.curriculum_steps and exp.train.curriculum_levels else ()
+
+
+def _training_episodes(b: Bundle, seed: int, num_queries: int, episodes_per_step: int):
+    """The training stream of one trained method: the curriculum's levels for its first
+    `train.curriculum_steps` steps (`episodes_per_step` episodes each, x grad_accum), then every training task."""
+    t = b.exp.train
+    first = t.curriculum_steps * episodes_per_step * t.grad_accum if _curriculum_fields(b.exp) else 0
+    return b.source.training_episodes(seed, num_queries, t.curriculum_levels, first)
 
 
 def _load_best(trainee, run_dir: Path) -> None:
@@ -448,7 +468,8 @@ def train_hyper(b: Bundle, k: int, seed: int) -> tuple[HyperLlama, list[dict]]:
     exp, tok = b.exp, b.tokenizer
     gist = b.gist_ids(k)
     hcfg = replace(exp.hyper, num_gist_tokens=k, seed=seed)
-    settings = _stamp(exp, {"model": None, "data": None, "train": HYPER_TRAIN_FIELDS}, hyper=to_json(hcfg))
+    fields = HYPER_TRAIN_FIELDS + _curriculum_fields(exp)
+    settings = _stamp(exp, {"model": None, "data": None, "train": fields}, hyper=to_json(hcfg))
     run, shipped = _run_folder(b, f"hyper-k{k}-s{seed}", settings)
     if not shipped:
         check_run_settings(run, settings, exp.run.retrain)
@@ -483,7 +504,7 @@ def train_hyper(b: Bundle, k: int, seed: int) -> tuple[HyperLlama, list[dict]]:
 
     teacher = t.teacher_queries if exp.hyper.distill_weight > 0 else 0
     batches = hyper_batches(
-        b.source.training_episodes(seed, t.queries_per_task),
+        _training_episodes(b, seed, t.queries_per_task, t.tasks_per_batch),
         tok,
         gist,
         t.tasks_per_batch,
@@ -533,6 +554,7 @@ def train_gisting(b: Bundle, k: int, seed: int = 0) -> tuple[LMTrainee, list[dic
               "val_episodes")  # fmt: skip
     if t.gisting_distill_weight:  # stamped only when used: runs trained before the field existed stay valid
         fields += ("gisting_distill_weight",)
+    fields += _curriculum_fields(exp)
     settings = _stamp(exp, {"model": None, "data": None, "train": fields}, k=k, lora_rank=rank, seed=seed)
     weight = t.gisting_distill_weight
     trainee, run, todo = _lm_trainee(b, f"gisting-k{k}-s{seed}", settings, "gist", rank, k, weight)
@@ -542,7 +564,7 @@ def train_gisting(b: Bundle, k: int, seed: int = 0) -> tuple[LMTrainee, list[dic
     score = lambda tr, step: _accuracy(gisting_method(tr.eval().model, val, b, k), val, b)
     d = exp.data
     batches = gisting_batches(
-        b.source.training_episodes(seed, 1),
+        _training_episodes(b, seed, 1, t.gisting_batch),
         b.tokenizer,
         b.gist_ids(k),
         t.gisting_batch,
@@ -561,7 +583,7 @@ def train_multitask_icl(b: Bundle) -> tuple[LMTrainee, list[dict]]:
     trained on the same episodes as the other methods with the demos in context; cache_dir/multitask-icl."""
     exp, t = b.exp, b.exp.train
     fields = ("multitask_steps", "multitask_lr", "multitask_batch", "grad_accum", "eval_every", "patience",
-              "val_episodes")  # fmt: skip
+              "val_episodes") + _curriculum_fields(exp)  # fmt: skip
     settings = _stamp(exp, {"model": None, "data": None, "train": fields}, lora_rank=exp.hyper.lora_rank)
     trainee, run, todo = _lm_trainee(b, "multitask-icl", settings, "causal", exp.hyper.lora_rank)
     if not todo:
@@ -569,7 +591,7 @@ def train_multitask_icl(b: Bundle) -> tuple[LMTrainee, list[dict]]:
     val = b.source.validation_episodes(t.val_episodes)
     score = lambda tr, step: _accuracy(_icl_method(tr.eval().model, b, "multitask_icl"), val, b)
     d = exp.data
-    episodes = b.source.training_episodes(0, 1)
+    episodes = _training_episodes(b, 0, 1, t.multitask_batch)
     batches = icl_batches(
         episodes, b.tokenizer, t.multitask_batch, fmt=b.fmt, max_tokens=d.max_hyper_tokens + d.max_tokens
     )
@@ -719,9 +741,11 @@ def run_experiment(exp: Experiment, bundle: Bundle | None = None) -> dict:
     """Run every enabled method of `exp` on the same test episodes; the summary (also out_dir/summary.json)."""
     from gistlib.threads import choose_threads  # run.threads, or the cores free now; prints which and how to change
 
+    from .parallel import train_side_by_side
     from .report import write_report
 
-    torch.set_num_threads(choose_threads(exp.run.threads))
+    threads = choose_threads(exp.run.threads)
+    torch.set_num_threads(threads)
     t0 = time.perf_counter()
     out = Path(exp.run.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -734,6 +758,10 @@ def run_experiment(exp: Experiment, bundle: Bundle | None = None) -> dict:
     tb = trainer_bundle(b)  # trains the methods: b itself unless run.trained_by names another config
     tok, fmt, ev = b.tokenizer, b.fmt, exp.eval
     lap("load")
+    processes = exp.run.workers or threads
+    side_by_side = train_side_by_side(exp, processes) > 0
+    if side_by_side:
+        lap("training_side_by_side")
     test = b.source.test_episodes(ev.test_episodes, ev.queries_per_episode, ev.seed)
     groups = [b.source.group(ep) for ep in test]
     skipped_methods: dict[str, str] = {}
@@ -770,7 +798,7 @@ def run_experiment(exp: Experiment, bundle: Bundle | None = None) -> dict:
         lap("gisting")
 
     per_seed, sweep, main = {}, {}, None
-    runs = _hyper_runs(exp)
+    runs = hyper_runs(exp)
     if runs:
         for k, seed in tqdm(runs, desc="hyperllama runs", disable=not exp.run.progress):
             hyper, log = train_hyper(tb, k, seed)
@@ -804,7 +832,8 @@ def run_experiment(exp: Experiment, bundle: Bundle | None = None) -> dict:
         "command": _command_line(),
         "family": exp.data.family,
         "config": exp.to_dict(),
-        "environment": environment(),
+        "environment": environment()
+        | {"training_processes": processes if side_by_side else 1, "training_threads": 1 if side_by_side else threads},
         "normalisation": NORMALISATION,
         "methods": results,
         "skipped_methods": skipped_methods,

@@ -18,6 +18,7 @@ tasks: a held-in check, never test data) and fixed test episodes. Anything dropp
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -256,9 +257,23 @@ class Source:
         )
         return iter(sampler)
 
-    def training_episodes(self, seed: int, num_queries: int) -> Iterator[Episode]:
-        """The stream every trained method reads (with the curriculum's repeated demo words)."""
-        return self.episodes(self.train, seed, num_queries, self.data.repeat_demo_prob)
+    def training_episodes(
+        self, seed: int, num_queries: int, first_levels: Sequence[str] = (), first_episodes: int = 0
+    ) -> Iterator[Episode]:
+        """The stream every trained method reads (with the curriculum's repeated demo words): the first
+        `first_episodes` episodes from the training tasks of the pocket levels `first_levels` only, then all."""
+        stream = self.episodes(self.train, seed, num_queries, self.data.repeat_demo_prob)
+        if not (first_levels and first_episodes):
+            return stream
+        easy = [t for t in self.train if t.meta.get("level") in first_levels]
+        if not easy:
+            have = sorted({str(t.meta.get("level")) for t in self.train})
+            raise ValueError(
+                f"train.curriculum_levels={list(first_levels)}: no training task has these levels (they have {have}); "
+                "use the pocket levels or set train.curriculum_steps=0"
+            )
+        head = self.episodes(easy, seed, num_queries, self.data.repeat_demo_prob)
+        return itertools.chain(itertools.islice(head, first_episodes), stream)
 
     def validation_episodes(self, n: int) -> list[Episode]:
         """Fixed validation episodes (2 queries each): the validation split, else held-in training tasks."""
