@@ -382,3 +382,25 @@ def test_training_side_by_side_gives_the_numbers_of_one_process(tmp_path):
         assert two["methods"][name]["accuracy"] == one["methods"][name]["accuracy"], name
     for log in one["logs"]:
         assert [r["loss"] for r in two["logs"][log]] == [r["loss"] for r in one["logs"][log]], log
+
+
+def test_a_try_on_the_plateau_is_marked_and_another_sub_seed_trains(tmp_path):
+    """train.plateau_*: a try below zero-shot validation + margin at plateau_step stops, is marked, and the next
+    try (another sub-seed, in try1/) trains to the end and is kept; a second call loads it with its log."""
+    from gistlib.course.runner import PLATEAU_MARK, train_gisting
+
+    sets = ["train.plateau_tries=2", "train.plateau_step=2", "train.plateau_margin=2.0"]  # a margin nothing meets
+    exp = _smoke(tmp_path, *sets)
+    b = load_bundle(exp)
+    for train_fn, name, stage in ((train_hyper, "hyper-k2-s0", "multitask"), (train_gisting, "gisting-k2-s0", "run")):
+        _, records = train_fn(b, 2, 0)
+        run = tmp_path / "runs" / name
+        mark = json.loads((run / stage / PLATEAU_MARK).read_text())
+        assert mark["step"] == 2 and mark["best"] < mark["level"]
+        first = [json.loads(x) for x in (run / stage / "metrics.jsonl").read_text().splitlines()]
+        assert first[-1]["step"] == 2 and first[-1]["plateau"] is True  # stopped at the check
+        assert {r["try"] for r in records} == {1} and records[-1]["step"] == exp.train.hyper_steps
+        assert not records[-1].get("plateau")  # the last try trains to the end
+        assert (run / "try1" / stage / "metrics.jsonl").exists() and (run / "final").exists()
+        _, again = train_fn(b, 2, 0)
+        assert [r["loss"] for r in again] == [r["loss"] for r in records]

@@ -181,6 +181,12 @@ class StagesConfig:
     # pocket levels only (the base itself needed a C2 stage to leave its plateau); () or 0 steps: none
     curriculum_levels: tuple[str, ...] = ()
     curriculum_steps: int = 0
+    # the plateau check of Gisting and HyperLlama (validation tasks only): a try whose best validation score is
+    # below zero-shot's + plateau_margin at its first evaluation at or after plateau_step starts again from
+    # another sub-seed; the last of plateau_tries trains to the end (1: one try, no check)
+    plateau_tries: int = 1
+    plateau_step: int = 500
+    plateau_margin: float = 0.1
     gisting_steps: int = 600
     gisting_lr: float = 1e-3
     gisting_batch: int = 64
@@ -202,6 +208,8 @@ class StagesConfig:
             "multitask_steps": self.multitask_steps >= 1,
             "teacher_queries": 0 <= self.teacher_queries <= self.queries_per_task,
             "curriculum_steps": self.curriculum_steps >= 0,
+            "plateau_tries": self.plateau_tries >= 1,
+            "plateau_step": self.plateau_step >= 1,
             "adapter": self.adapter in ("full", "lora"),
             "grad_accum": self.grad_accum >= 1,
             "val_episodes": self.val_episodes >= 1,

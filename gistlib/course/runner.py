@@ -318,9 +318,11 @@ def check_cache_base(cache_dir: Path, base_dir: Path) -> None:
 # --- training stages --------------------------------------------------------------------------------
 
 
-def _stage(exp: Experiment, steps: int, lr: float, out_dir: Path, seed: int, warmup_cap: int) -> TrainConfig:
+def _stage(
+    exp: Experiment, steps: int, lr: float, out_dir: Path, seed: int, warmup_cap: int, plateau=(0, 0.0)
+) -> TrainConfig:
     """A trained method's optimisation: warmup (10%, at most `warmup_cap` steps), decay to 0.1 lr, validation
-    every `train.eval_every` steps keeping the best weights."""
+    every `train.eval_every` steps keeping the best weights; plateau: (step, score) of the plateau check."""
     t = exp.train
     return TrainConfig(
         steps=steps,
@@ -335,6 +337,8 @@ def _stage(exp: Experiment, steps: int, lr: float, out_dir: Path, seed: int, war
         progress=exp.run.progress,
         seed=seed,
         log_every=25,
+        plateau_step=plateau[0],
+        plateau_score=plateau[1],
     )
 
 
@@ -464,20 +468,30 @@ def hyper_prefix_method(hyper: HyperLlama, episodes, b: Bundle, name: str = "hyp
 
 
 def train_hyper(b: Bundle, k: int, seed: int) -> tuple[HyperLlama, list[dict]]:
-    """Hyperpretrain, then multi-task train one HyperLlama (cached in cache_dir/hyper-k{k}-s{seed})."""
-    exp, tok = b.exp, b.tokenizer
-    gist = b.gist_ids(k)
+    """Hyperpretrain, then multi-task train one HyperLlama (cached in cache_dir/hyper-k{k}-s{seed}); a try that
+    stays on the plateau starts again from another sub-seed (`train.plateau_tries`, `_tries`)."""
+    exp = b.exp
     hcfg = replace(exp.hyper, num_gist_tokens=k, seed=seed)
-    fields = HYPER_TRAIN_FIELDS + _curriculum_fields(exp)
+    fields = HYPER_TRAIN_FIELDS + _curriculum_fields(exp) + _plateau_fields(exp)
     settings = _stamp(exp, {"model": None, "data": None, "train": fields}, hyper=to_json(hcfg))
     run, shipped = _run_folder(b, f"hyper-k{k}-s{seed}", settings)
     if not shipped:
         check_run_settings(run, settings, exp.run.retrain)
-    hyper = HyperLlama(b.fresh_base(), gist, hcfg)
     if (run / "final" / "hyper_config.json").exists():
+        hyper = HyperLlama(b.fresh_base(), b.gist_ids(k), hcfg)
         hyper.load_trainable(run / "final")
-        return hyper.eval(), _read_log(run / "multitask" / "metrics.jsonl")
-    t, d = exp.train, exp.data
+        return hyper.eval(), _read_log(_last_try(run) / "multitask" / "metrics.jsonl")
+    attempt = lambda sub, folder, plateau: _hyper_try(b, replace(hcfg, seed=sub), folder, plateau)
+    hyper, records, folder = _tries(b, run, seed, attempt)
+    _keep_best(hyper, folder / "multitask", run / "final")
+    return hyper.eval(), records
+
+
+def _hyper_try(b: Bundle, hcfg, folder: Path, plateau: tuple[int, float]) -> tuple[HyperLlama, list[dict]]:
+    """One try of train_hyper in `folder` (hyperpretrain/, multitask/), seeded by hcfg.seed."""
+    exp, tok, t, d = b.exp, b.tokenizer, b.exp.train, b.exp.data
+    seed, gist = hcfg.seed, b.gist_ids(hcfg.num_gist_tokens)
+    hyper = HyperLlama(b.fresh_base(), gist, hcfg)
     if t.hyperpretrain_steps:
         pre = TrainConfig(
             steps=t.hyperpretrain_steps,
@@ -485,7 +499,7 @@ def train_hyper(b: Bundle, k: int, seed: int) -> tuple[HyperLlama, list[dict]]:
             warmup_steps=min(20, t.hyperpretrain_steps),
             grad_accum=t.grad_accum,
             gradient_checkpointing=exp.model.gradient_checkpointing,
-            out_dir=str(run / "hyperpretrain"),
+            out_dir=str(folder / "hyperpretrain"),
             progress=exp.run.progress,
             seed=seed,
             log_every=25,
@@ -513,10 +527,62 @@ def train_hyper(b: Bundle, k: int, seed: int) -> tuple[HyperLlama, list[dict]]:
         d.max_tokens,
         teacher,
     )
-    main = _stage(exp, t.hyper_steps, t.hyper_lr, run / "multitask", seed, warmup_cap=100)
-    records = train(hyper, batches, main, evaluate=val_score if t.eval_every else None)
-    _keep_best(hyper, run / "multitask", run / "final")
-    return hyper.eval(), records
+    main = _stage(exp, t.hyper_steps, t.hyper_lr, folder / "multitask", seed, warmup_cap=100, plateau=plateau)
+    return hyper, train(hyper, batches, main, evaluate=val_score if t.eval_every else None)
+
+
+PLATEAU_FIELDS = ("plateau_tries", "plateau_step", "plateau_margin")
+PLATEAU_MARK = "plateau.json"  # in a try's stage folder: it stopped on the plateau; the next try runs
+
+
+def _plateau_fields(exp: Experiment) -> tuple[str, ...]:
+    """The plateau check's fields, stamped only when it is on (models trained before it existed stay valid)."""
+    return PLATEAU_FIELDS if exp.train.plateau_tries > 1 and exp.train.eval_every else ()
+
+
+def _try_folder(run: Path, attempt: int) -> Path:
+    return run if attempt == 0 else run / f"try{attempt}"
+
+
+def _last_try(run: Path) -> Path:
+    """The folder of the try whose weights a finished run kept (the first without a plateau mark)."""
+    attempt = 0
+    while any((_try_folder(run, attempt) / stage / PLATEAU_MARK).exists() for stage in ("multitask", "run")):
+        attempt += 1
+    return _try_folder(run, attempt)
+
+
+def zero_shot_validation(b: Bundle) -> float:
+    """The frozen base's validation score from the query alone: the plateau's level, what "learned" must beat."""
+    val = b.source.validation_episodes(b.exp.train.val_episodes)
+    return _accuracy(zero_shot(b.fresh_base(), b.tokenizer, b.fmt), val, b)
+
+
+def _tries(b: Bundle, run: Path, seed: int, attempt) -> tuple[object, list[dict], Path]:
+    """Train tries until one leaves the plateau: try n (folder run/ then run/try{n}, sub-seed seed + 1000 n) stops
+    at its first validation at or after `train.plateau_step` if its best is below zero-shot validation +
+    `train.plateau_margin`, and is marked; the last of `train.plateau_tries` always trains to the end. Validation
+    tasks only, never test. `attempt(sub_seed, folder, (plateau_step, plateau_score))` -> (trainee, records);
+    returns the kept try's trainee, its records (each with its "try") and its folder."""
+    t = b.exp.train
+    tries = t.plateau_tries if _plateau_fields(b.exp) else 1
+    level = zero_shot_validation(b) + t.plateau_margin if tries > 1 else 0.0
+    for n in range(tries):
+        folder = _try_folder(run, n)
+        marks = [folder / stage / PLATEAU_MARK for stage in ("multitask", "run")]
+        if any(m.exists() for m in marks):
+            continue
+        last = n == tries - 1
+        trainee, records = attempt(seed + 1000 * n, folder, (0, 0.0) if last else (t.plateau_step, level))
+        records = [{**r, "try": n} for r in records]
+        if last or not (records and records[-1].get("plateau")):
+            return trainee, records, folder
+        best = max(r["eval"] for r in records if "eval" in r)
+        print(f"{run.name}: try {n} stayed on the plateau (validation {best:.3f} < {level:.3f} by step "
+              f"{records[-1]['step']}): another try from sub-seed {seed + 1000 * (n + 1)}", flush=True)  # fmt: skip
+        stage = next(p for p in (folder / "multitask", folder / "run") if p.exists())
+        (stage / PLATEAU_MARK).write_text(json.dumps({"best": best, "level": level, "step": records[-1]["step"]}))
+    raise AssertionError("unreachable: the last try always returns")
 
 
 def _lm_trainee(
@@ -554,27 +620,32 @@ def train_gisting(b: Bundle, k: int, seed: int = 0) -> tuple[LMTrainee, list[dic
               "val_episodes")  # fmt: skip
     if t.gisting_distill_weight:  # stamped only when used: runs trained before the field existed stay valid
         fields += ("gisting_distill_weight",)
-    fields += _curriculum_fields(exp)
+    fields += _curriculum_fields(exp) + _plateau_fields(exp)
     settings = _stamp(exp, {"model": None, "data": None, "train": fields}, k=k, lora_rank=rank, seed=seed)
-    weight = t.gisting_distill_weight
-    trainee, run, todo = _lm_trainee(b, f"gisting-k{k}-s{seed}", settings, "gist", rank, k, weight)
+    weight, name = t.gisting_distill_weight, f"gisting-k{k}-s{seed}"
+    trainee, run, todo = _lm_trainee(b, name, settings, "gist", rank, k, weight)
     if not todo:
-        return trainee.eval(), _read_log(run / "run" / "metrics.jsonl")
+        return trainee.eval(), _read_log(_last_try(run) / "run" / "metrics.jsonl")
     val = b.source.validation_episodes(t.val_episodes)
     score = lambda tr, step: _accuracy(gisting_method(tr.eval().model, val, b, k), val, b)
     d = exp.data
-    batches = gisting_batches(
-        _training_episodes(b, seed, 1, t.gisting_batch),
-        b.tokenizer,
-        b.gist_ids(k),
-        t.gisting_batch,
-        b.fmt,
-        d.max_hyper_tokens + d.max_tokens,
-        teacher=weight > 0,
-    )
-    tcfg = _stage(exp, t.gisting_steps, t.gisting_lr, run / "run", seed=seed, warmup_cap=50)
-    records = train(trainee, batches, tcfg, evaluate=score if t.eval_every else None)
-    _keep_best(trainee, run / "run", run / "final")
+
+    def attempt(sub: int, folder: Path, plateau: tuple[int, float]):
+        tr = trainee if sub == seed else _lm_trainee(b, name, settings, "gist", rank, k, weight)[0]
+        batches = gisting_batches(
+            _training_episodes(b, sub, 1, t.gisting_batch),
+            b.tokenizer,
+            b.gist_ids(k),
+            t.gisting_batch,
+            b.fmt,
+            d.max_hyper_tokens + d.max_tokens,
+            teacher=weight > 0,
+        )
+        tcfg = _stage(exp, t.gisting_steps, t.gisting_lr, folder / "run", seed=sub, warmup_cap=50, plateau=plateau)
+        return tr, train(tr, batches, tcfg, evaluate=score if t.eval_every else None)
+
+    trainee, records, folder = _tries(b, run, seed, attempt)
+    _keep_best(trainee, folder / "run", run / "final")
     return trainee.eval(), records
 
 

@@ -101,6 +101,10 @@ class TrainConfig:
     save_every: int = 0  # 0: only at the end
     eval_every: int = 0  # 0: never; else call `evaluate(hyper, step)` and keep the best weights
     patience: int = 0  # early stopping after this many evaluations without improvement (0: never stop)
+    # the plateau check: stop at the first evaluation at or after step `plateau_step` if the best score is still
+    # below `plateau_score` (the last record then says "plateau": true; the caller may start another try); 0: never
+    plateau_step: int = 0
+    plateau_score: float = 0.0
     out_dir: str = "runs/hyper"
     progress: bool = True
     max_seconds: float = 0.0  # wall-clock budget: stop (with a checkpoint) once exceeded; 0: none
@@ -120,6 +124,7 @@ class TrainConfig:
             "save_every": self.save_every >= 0,
             "eval_every": self.eval_every >= 0,
             "patience": self.patience >= 0,
+            "plateau_step": self.plateau_step >= 0,
         }
         check_fields(self, checks)
 
@@ -612,6 +617,8 @@ def _train(hyper, batches, config: TrainConfig, accelerator: Accelerator, resume
             else:
                 bad_evals += 1
                 stop = config.patience > 0 and bad_evals >= config.patience
+            if config.plateau_step and done >= config.plateau_step and best < config.plateau_score:
+                record["plateau"] = stop = True
         records.append(record)
         if main:
             _append_metric(metrics_path, record)
