@@ -563,7 +563,7 @@ def _tries(b: Bundle, run: Path, seed: int, attempt) -> tuple[object, list[dict]
     at its first validation at or after `train.plateau_step` if its best is below zero-shot validation +
     `train.plateau_margin`, and is marked; the last of `train.plateau_tries` always trains to the end. Validation
     tasks only, never test. `attempt(sub_seed, folder, (plateau_step, plateau_score))` -> (trainee, records);
-    returns the kept try's trainee, its records (each with its "try") and its folder."""
+    returns the kept try's trainee, its records and its folder."""
     t = b.exp.train
     tries = t.plateau_tries if _plateau_fields(b.exp) else 1
     level = zero_shot_validation(b) + t.plateau_margin if tries > 1 else 0.0
@@ -574,7 +574,6 @@ def _tries(b: Bundle, run: Path, seed: int, attempt) -> tuple[object, list[dict]
             continue
         last = n == tries - 1
         trainee, records = attempt(seed + 1000 * n, folder, (0, 0.0) if last else (t.plateau_step, level))
-        records = [{**r, "try": n} for r in records]
         if last or not (records and records[-1].get("plateau")):
             return trainee, records, folder
         best = max(r["eval"] for r in records if "eval" in r)
