@@ -387,7 +387,8 @@ def test_training_side_by_side_gives_the_numbers_of_one_process(tmp_path):
 def test_a_try_on_the_plateau_is_marked_and_another_sub_seed_trains(tmp_path):
     """train.plateau_*: a try below zero-shot validation + margin at plateau_step stops, is marked, and the next
     try (another sub-seed, in try1/) trains to the end and is kept; a second call loads it with its log."""
-    from gistlib.course.runner import PLATEAU_MARK, train_gisting
+    from gistlib.course.report import _tries
+    from gistlib.course.runner import PLATEAU_MARK, train_gisting, tries_used
 
     sets = ["train.plateau_tries=2", "train.plateau_step=2", "train.plateau_margin=2.0"]  # a margin nothing meets
     exp = _smoke(tmp_path, *sets)
@@ -405,3 +406,5 @@ def test_a_try_on_the_plateau_is_marked_and_another_sub_seed_trains(tmp_path):
         assert (run / "try1" / stage / "metrics.jsonl").exists() and (run / "final").exists()
         _, again = train_fn(b, 2, 0)
         assert [r["loss"] for r in again] == [r["loss"] for r in records]
+        assert tries_used(b, name) == 2 and _tries({"tries": 2}) == " (2 tries)"
+    assert tries_used(b, "hyper-k2-s7") == 1 and _tries({}) == ""  # not cached: one try

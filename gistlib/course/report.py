@@ -23,6 +23,12 @@ COLORS = {"zero_shot": "#999", "definition_only": "#bbb", "icl": "#4a7", "multit
           "hyperllama": "#47c", "wrong_task_prefix": "#a9c"}  # fmt: skip
 
 
+def _tries(entry: dict) -> str:
+    """The per-seed line's note: ' (2 tries)' where the plateau check started a seed again, else ''."""
+    n = entry.get("tries", 1)
+    return f" ({n} tries)" if n > 1 else ""
+
+
 def _fmt(entry: dict) -> str:
     """Accuracy (exact match for generation) with its 95% interval, and ROUGE-L (with its own) where tasks generate."""
     lo, hi = entry["ci95"]
@@ -98,7 +104,7 @@ def results_table(summary: dict) -> str:
             lines += [
                 "",
                 f"{name} per seed: "
-                + ", ".join(f"seed {s}: {_fmt(v)}" for s, v in seeds.items())
+                + ", ".join(f"seed {s}: {_fmt(v)}{_tries(v)}" for s, v in seeds.items())
                 + f"; {metric} mean {e['mean_over_seeds']:.3f}{spread}",
             ]
     ladder = summary.get("prefix_tuning", {})

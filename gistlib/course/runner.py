@@ -552,6 +552,12 @@ def _last_try(run: Path) -> Path:
     return _try_folder(run, attempt)
 
 
+def tries_used(b: Bundle, name: str) -> int:
+    """How many tries the cached run `name` (e.g. hyper-k8-s1) took: 1 + its plateau-marked tries (1 if not cached)."""
+    run = Path(b.exp.run.cache_dir) / name
+    return int(_last_try(run).name[3:]) + 1 if _last_try(run) != run else 1
+
+
 def zero_shot_validation(b: Bundle) -> float:
     """The frozen base's validation score from the query alone: the plateau's level, what "learned" must beat."""
     val = b.source.validation_episodes(b.exp.train.val_episodes)
@@ -863,6 +869,7 @@ def run_experiment(exp: Experiment, bundle: Bundle | None = None) -> dict:
         for seed in exp.run.seeds:
             gist_model, logs[f"gisting_seed{seed}"] = train_gisting(tb, k0, seed)
             gisting_seeds[str(seed)] = score(gisting_method(gist_model.model, test, b, k0))
+            gisting_seeds[str(seed)]["tries"] = tries_used(tb, f"gisting-k{k0}-s{seed}")
             del gist_model
         results["gisting"] = _over_seeds(gisting_seeds)
         lap("gisting")
@@ -877,7 +884,7 @@ def run_experiment(exp: Experiment, bundle: Bundle | None = None) -> dict:
                 with hyper.downstream_mode():
                     entry = score(method)
             if k == k0:
-                per_seed[str(seed)] = entry
+                per_seed[str(seed)] = entry | {"tries": tries_used(tb, f"hyper-k{k}-s{seed}")}
                 logs[f"hyperllama_seed{seed}"] = log
                 if main is None:
                     main = (hyper, prefixes)
