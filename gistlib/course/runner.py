@@ -555,7 +555,8 @@ def _last_try(run: Path) -> Path:
 def tries_used(b: Bundle, name: str) -> int:
     """How many tries the cached run `name` (e.g. hyper-k8-s1) took: 1 + its plateau-marked tries (1 if not cached)."""
     run = Path(b.exp.run.cache_dir) / name
-    return int(_last_try(run).name[3:]) + 1 if _last_try(run) != run else 1
+    kept = _last_try(run)
+    return int(kept.name[3:]) + 1 if kept != run else 1
 
 
 def zero_shot_validation(b: Bundle) -> float:
