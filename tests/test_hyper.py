@@ -116,6 +116,28 @@ def test_capture_path_equals_cache_path_with_trained_adapters():
     assert (hyper.downstream_logits(prefix, ids, am) - cached).abs().max() < 1e-5
 
 
+def test_downstream_mode_is_the_untouched_base_and_nests():
+    """Inside downstream_mode() the trained hypernetwork's base gives the logits of a base never wrapped in LoRA
+    (and of PEFT's own `disable_adapter()`); nested, the inner exit leaves the adapters off; outside, they are on."""
+    hyper = make_hyper()
+    perturb_lora(hyper)
+    *_, ids, am, _, _ = toy_batch()
+    plain = build_tiny_llama(vocab_size=64, seed=0).eval()  # make_hyper's base, never wrapped
+    with torch.no_grad():
+        reference = plain(input_ids=ids, attention_mask=am).logits
+        with_lora = hyper.peft(input_ids=ids, attention_mask=am).logits
+        with hyper.peft.disable_adapter():
+            peft_off = hyper.peft(input_ids=ids, attention_mask=am).logits
+        with hyper.downstream_mode():
+            with hyper.downstream_mode():
+                pass
+            assert hyper.adapters_off
+            ours = hyper.peft(input_ids=ids, attention_mask=am).logits
+    assert not hyper.adapters_off
+    assert (ours - reference).abs().max() < 1e-6 and torch.equal(ours, peft_off)
+    assert (with_lora - reference).abs().max() > 1e-3  # the LoRA weights matter outside
+
+
 @pytest.mark.parametrize("teacher", [False, True])
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_two_phase_backward_equals_plain_backward(checkpointing, teacher):
