@@ -2,8 +2,9 @@
 
 On a small machine shared with other work, OpenMP threads that land on a busy core spin and wait: on 2 cores
 beside one busy process, torch's default of 2 threads ran a training step 7x slower than 1 thread
-(`benchmarks/threads.py` measures it). So a run takes the cores nobody else is using, judged from the
-one-minute load average, and says so in one line with the way to change it:
+(`benchmarks/threads.py` measures it). So a run takes the cores nobody else is using, measured over half a second
+from /proc/stat (Linux; elsewhere the one-minute load average, which also counts work that just ended, such as
+`make main`'s own set-up), and says so in one line with the way to change it:
 
     torch.set_num_threads(choose_threads(exp.run.threads))   # 0 / None: choose; N > 0: exactly N
 """
@@ -11,18 +12,61 @@ one-minute load average, and says so in one line with the way to change it:
 from __future__ import annotations
 
 import os
+import time
 
-__all__ = ["free_cores", "choose_threads"]
+__all__ = ["busy_cores", "free_cores", "choose_threads"]
+
+
+def _cpu_times(stat_path: str, cpus: set[int] | None) -> tuple[float, float]:
+    """(total, idle) jiffies summed over the `cpuN` lines of /proc/stat for N in `cpus` (None: every one);
+    idle counts iowait too, total leaves out guest time (already inside user)."""
+    total = idle = 0.0
+    with open(stat_path) as f:
+        for line in f:
+            name, *fields = line.split()
+            if not (name.startswith("cpu") and name[3:].isdigit()):
+                continue
+            if cpus is not None and int(name[3:]) not in cpus:
+                continue
+            values = [float(v) for v in fields[:8]]
+            total += sum(values)
+            idle += values[3] + (values[4] if len(values) > 4 else 0.0)
+    return total, idle
+
+
+def busy_cores(seconds: float = 0.5, stat_path: str = "/proc/stat") -> float | None:
+    """How many of this process's cores other work kept busy over the next `seconds` (this process sleeps
+    meanwhile), from /proc/stat; None where there is no /proc/stat (macOS, Windows) or nothing was counted."""
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    try:
+        total0, idle0 = _cpu_times(stat_path, cpus)
+        time.sleep(seconds)
+        total1, idle1 = _cpu_times(stat_path, cpus)
+    except (OSError, ValueError):
+        return None
+    counted = len(cpus) if cpus else (os.cpu_count() or 1)
+    if total1 <= total0:
+        return None
+    return counted * (1.0 - (idle1 - idle0) / (total1 - total0))
+
+
+def _load_now() -> tuple[float, str]:
+    """(busy cores, how they were measured): /proc/stat over half a second, else the one-minute load average."""
+    busy = busy_cores()
+    if busy is not None:
+        return busy, f"{busy:.1f} busy over 0.5 s"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return load, f"load average {load:.1f}"
 
 
 def free_cores(cpu_count: int | None = None, load: float | None = None) -> int:
     """Cores not busy with other processes: `cpu_count - round(load)`, at least 1 and at most `cpu_count`.
 
-    Defaults: `os.cpu_count()` and the one-minute `os.getloadavg()` (no load average, e.g. Windows: all cores).
+    Defaults: `os.cpu_count()` and the busy cores measured now (`busy_cores`, else the load average).
     """
     cpus = cpu_count or os.cpu_count() or 1
     if load is None:
-        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        load = _load_now()[0]
     return max(1, min(cpus, cpus - round(load)))
 
 
@@ -38,8 +82,8 @@ def choose_threads(requested: int | None = None, announce: bool = True) -> int:
     if requested:
         chosen, why = requested, "as asked by run.threads"
     else:
-        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-        chosen, why = free_cores(cpus, load), f"the free cores of {cpus} (load average {load:.1f})"
+        load, how = _load_now()
+        chosen, why = free_cores(cpus, load), f"the free cores of {cpus} ({how})"
     if announce:
         print(f"torch threads: {chosen}, {why}; change with --set run.threads=N", flush=True)
     return chosen
