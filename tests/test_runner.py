@@ -396,14 +396,14 @@ def test_a_try_on_the_plateau_is_marked_and_another_sub_seed_trains(tmp_path):
     for train_fn, name, stage in ((train_hyper, "hyper-k2-s0", "multitask"), (train_gisting, "gisting-k2-s0", "run")):
         _, records = train_fn(b, 2, 0)
         run = tmp_path / "runs" / name
-        mark = json.loads((run / stage / PLATEAU_MARK).read_text())
+        mark = json.loads((run / PLATEAU_MARK).read_text())  # try 0's folder is the run's own
         assert mark["step"] == 2 and mark["best"] < mark["level"]
         first = [json.loads(x) for x in (run / stage / "metrics.jsonl").read_text().splitlines()]
         assert first[-1]["step"] == 2 and first[-1]["plateau"] is True  # stopped at the check
         kept = [json.loads(x) for x in (run / "try1" / stage / "metrics.jsonl").read_text().splitlines()]
         assert records == kept and records[-1]["step"] == exp.train.hyper_steps
         assert not records[-1].get("plateau")  # the last try trains to the end
-        assert (run / "try1" / stage / "metrics.jsonl").exists() and (run / "final").exists()
+        assert not (run / "try1" / PLATEAU_MARK).exists() and (run / "final").exists()
         _, again = train_fn(b, 2, 0)
         assert [r["loss"] for r in again] == [r["loss"] for r in records]
         assert tries_used(b, name) == 2 and _tries({"tries": 2}) == " (2 tries)"

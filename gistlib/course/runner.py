@@ -532,7 +532,7 @@ def _hyper_try(b: Bundle, hcfg, folder: Path, plateau: tuple[int, float]) -> tup
 
 
 PLATEAU_FIELDS = ("plateau_tries", "plateau_step", "plateau_margin")
-PLATEAU_MARK = "plateau.json"  # in a try's stage folder: it stopped on the plateau; the next try runs
+PLATEAU_MARK = "plateau.json"  # in a try's folder (run/, run/try1, ...): it stopped on the plateau; the next runs
 
 
 def _plateau_fields(exp: Experiment) -> tuple[str, ...]:
@@ -547,7 +547,7 @@ def _try_folder(run: Path, attempt: int) -> Path:
 def _last_try(run: Path) -> Path:
     """The folder of the try whose weights a finished run kept (the first without a plateau mark)."""
     attempt = 0
-    while any((_try_folder(run, attempt) / stage / PLATEAU_MARK).exists() for stage in ("multitask", "run")):
+    while (_try_folder(run, attempt) / PLATEAU_MARK).exists():
         attempt += 1
     return _try_folder(run, attempt)
 
@@ -576,8 +576,7 @@ def _tries(b: Bundle, run: Path, seed: int, attempt) -> tuple[object, list[dict]
     level = zero_shot_validation(b) + t.plateau_margin if tries > 1 else 0.0
     for n in range(tries):
         folder = _try_folder(run, n)
-        marks = [folder / stage / PLATEAU_MARK for stage in ("multitask", "run")]
-        if any(m.exists() for m in marks):
+        if (folder / PLATEAU_MARK).exists():
             continue
         last = n == tries - 1
         trainee, records = attempt(seed + 1000 * n, folder, (0, 0.0) if last else (t.plateau_step, level))
@@ -586,8 +585,7 @@ def _tries(b: Bundle, run: Path, seed: int, attempt) -> tuple[object, list[dict]
         best = max(r["eval"] for r in records if "eval" in r)
         print(f"{run.name}: try {n} stayed on the plateau (validation {best:.3f} < {level:.3f} by step "
               f"{records[-1]['step']}): another try from sub-seed {seed + 1000 * (n + 1)}", flush=True)  # fmt: skip
-        stage = next(p for p in (folder / "multitask", folder / "run") if p.exists())
-        (stage / PLATEAU_MARK).write_text(json.dumps({"best": best, "level": level, "step": records[-1]["step"]}))
+        (folder / PLATEAU_MARK).write_text(json.dumps({"best": best, "level": level, "step": records[-1]["step"]}))
     raise AssertionError("unreachable: the last try always returns")
 
 
