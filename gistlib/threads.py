@@ -14,7 +14,14 @@ from __future__ import annotations
 import os
 import time
 
-__all__ = ["busy_cores", "free_cores", "choose_threads"]
+__all__ = ["usable_cores", "busy_cores", "free_cores", "choose_threads"]
+
+
+def usable_cores() -> int:
+    """Cores this process may run on: its affinity set (a container's cpuset, `taskset`), else `os.cpu_count()`."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
 
 
 def _cpu_times(stat_path: str, cpus: set[int] | None) -> tuple[float, float]:
@@ -44,7 +51,7 @@ def busy_cores(seconds: float = 0.5, stat_path: str = "/proc/stat") -> float | N
         total1, idle1 = _cpu_times(stat_path, cpus)
     except (OSError, ValueError):
         return None
-    counted = len(cpus) if cpus else (os.cpu_count() or 1)
+    counted = len(cpus) if cpus else usable_cores()
     if total1 <= total0:
         return None
     return counted * (1.0 - (idle1 - idle0) / (total1 - total0))
@@ -62,9 +69,9 @@ def _load_now() -> tuple[float, str]:
 def free_cores(cpu_count: int | None = None, load: float | None = None) -> int:
     """Cores not busy with other processes: `cpu_count - round(load)`, at least 1 and at most `cpu_count`.
 
-    Defaults: `os.cpu_count()` and the busy cores measured now (`busy_cores`, else the load average).
+    Defaults: `usable_cores()` and the busy cores measured now (`busy_cores`, else the load average).
     """
-    cpus = cpu_count or os.cpu_count() or 1
+    cpus = cpu_count or usable_cores()
     if load is None:
         load = _load_now()[0]
     return max(1, min(cpus, cpus - round(load)))
@@ -78,7 +85,7 @@ def choose_threads(requested: int | None = None, announce: bool = True) -> int:
     """
     if requested is not None and requested < 0:
         raise ValueError(f"run.threads must be >= 0 (0: choose from the free cores), got {requested}")
-    cpus = os.cpu_count() or 1
+    cpus = usable_cores()
     if requested:
         chosen, why = requested, "as asked by run.threads"
     else:

@@ -196,3 +196,27 @@ def test_gisting_distillation_needs_a_teacher():
 
     with pytest.raises(ValueError, match="teacher"):
         LMTrainee(small_pocket_model(TOK, seed=0), "gist", gist_token_ids(TOK)[:3], distill_weight=1.0)
+
+
+def test_a_lora_trainees_teacher_is_the_base_with_its_adapter_off():
+    """With lora_rank > 0 (no teacher copy) the teacher is the trainee's own base with every LoRA branch off:
+    its hidden states equal a never-wrapped copy of the base even after the LoRA has moved, and the LoRA is on
+    again afterwards."""
+    from conftest import small_pocket_model
+
+    from gistlib.core.lm import LMTrainee
+
+    b = gisting_batch()
+    trainee = LMTrainee(small_pocket_model(TOK, seed=0), "gist", gist_token_ids(TOK)[:3], lora_rank=4, distill_weight=1.0)
+    with torch.no_grad():
+        for name, p in trainee.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.5)  # PEFT starts B at zero: make the adapter change the model
+        ids, mask = b["icl_input_ids"], b["icl_attention_mask"]
+        taught = trainee._teacher_hidden(ids, mask)
+        plain = small_pocket_model(TOK, seed=0)(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        adapted = trainee.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    real = mask.bool()
+    for t, p, a in zip(taught, plain.hidden_states[1:], adapted.hidden_states[1:]):
+        torch.testing.assert_close(t[real], p[real], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(adapted.hidden_states[-1][real], plain.hidden_states[-1][real], atol=1e-3)

@@ -21,7 +21,7 @@ def test_free_cores_leaves_busy_cores_alone(cpus, load, expected):
 def test_an_explicit_count_wins_and_the_choice_is_announced(capsys, monkeypatch):
     monkeypatch.setattr(threads, "busy_cores", lambda: None)  # no /proc/stat: the load average decides
     monkeypatch.setattr("os.getloadavg", lambda: (1.3, 1.0, 1.0))
-    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    monkeypatch.setattr(threads, "usable_cores", lambda: 2)
     assert choose_threads(3) == 3
     assert choose_threads(None) == 1 and choose_threads(0) == 1
     lines = capsys.readouterr().out.strip().splitlines()
@@ -36,9 +36,20 @@ def test_measured_busy_cores_win_over_a_stale_load_average(capsys, monkeypatch):
     """A load average still high from work that has ended (make main's own set-up) must not cost a core."""
     monkeypatch.setattr(threads, "busy_cores", lambda: 0.1)
     monkeypatch.setattr("os.getloadavg", lambda: (1.6, 1.0, 1.0))
-    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    monkeypatch.setattr(threads, "usable_cores", lambda: 2)
     assert choose_threads(None) == 2
     assert "0.1 busy over 0.5 s" in capsys.readouterr().out
+
+
+def test_usable_cores_are_the_affinity_set_not_the_host(monkeypatch):
+    """In a container (or under taskset) allowed 2 of a host's 64 cores, threads are chosen from those 2."""
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {4, 5}, raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 64)
+    monkeypatch.setattr(threads, "busy_cores", lambda: 0.0)
+    assert threads.usable_cores() == 2
+    assert free_cores() == 2 and choose_threads(None, announce=False) == 2
+    monkeypatch.delattr("os.sched_getaffinity")  # macOS, Windows: no affinity call, the host's count
+    assert threads.usable_cores() == 64
 
 
 def _stat(cpu_lines: list[str]) -> str:

@@ -40,6 +40,8 @@ from gistlib.core.prefix import (
     forward_with_mask,
     generate_with_prefix,
     gist_positions,
+    lora_layers,
+    lora_switched_off,
     peft_wrap,
     positions_from_mask,
     prefix_pass,
@@ -190,22 +192,12 @@ class HyperLlama(nn.Module):
         layers = self._lora_layers()
         return bool(layers) and all(m.disable_adapters for m in layers)
 
-    @contextlib.contextmanager
     def downstream_mode(self):
-        """Context manager: inside it, the base runs without adapters (the downstream model).
+        """Context manager: inside it, the base runs without adapters (the downstream model); nests.
 
-        Switches each LoRA layer's branch off and back (nesting restores what it found): PEFT's
-        `disable_adapter()` does the same, but walks the whole model twice per call to read its status (a
-        pocket HyperLlama step, three switches, ran 2.4% faster without that walk, docs/research_log.md)."""
-        layers = self._lora_layers()
-        found = [m._disable_adapters for m in layers]
-        try:
-            for m in layers:
-                m._disable_adapters = True  # the LoRA layer now just calls its base layer
-            yield
-        finally:
-            for m, off in zip(layers, found):
-                m._disable_adapters = off
+        The LoRA layers are found once and switched directly (`lora_switched_off`), not through PEFT's
+        `disable_adapter()`, which walks the whole model twice per call."""
+        return lora_switched_off(self._lora_layers())
 
     def hyper_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings (B, L, d) with gist positions taken from the trainable gist table."""
@@ -260,11 +252,9 @@ class HyperLlama(nn.Module):
     # --- LoRA merged for inference ---------------------------------------------------------------
 
     def _lora_layers(self) -> list:
-        """Every LoRA layer, found once (a walk over all modules costs about a millisecond per call)."""
-        from peft.tuners.lora import LoraLayer
-
+        """Every LoRA layer, found once."""
         if self._lora_found is None:
-            self._lora_found = [m for m in self.peft.modules() if isinstance(m, LoraLayer)]
+            self._lora_found = lora_layers(self.peft)
         return self._lora_found
 
     def _lora_mergeable(self) -> bool:

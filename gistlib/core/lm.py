@@ -28,7 +28,7 @@ from transformers import PreTrainedModel
 from gistlib.core.distill import hidden_cosine_loss, teacher_hidden_states
 from gistlib.core.hyper import LINEAR_MAPS
 from gistlib.core.masks import make_causal_mask, make_gist_mask
-from gistlib.core.prefix import forward_with_mask, peft_wrap, positions_from_mask
+from gistlib.core.prefix import forward_with_mask, lora_layers, lora_switched_off, peft_wrap, positions_from_mask
 from gistlib.core.scoring import sequence_logprobs, token_loss
 
 __all__ = ["LMTrainee"]
@@ -68,6 +68,7 @@ class LMTrainee(nn.Module):
             )
         self.mask, self.gist_token_ids, self.lora_rank = mask, list(gist_token_ids or []), lora_rank
         self.distill_weight = distill_weight
+        self._lora_found: list | None = None  # the LoRA layers (lora_rank > 0), found when first switched off
         self._teacher = [teacher.eval().requires_grad_(False)] if teacher is not None else []  # a list: not a submodule
         if lora_rank:
             for p in model.parameters():
@@ -140,7 +141,9 @@ class LMTrainee(nn.Module):
         """The frozen base's hidden states on the teacher rows, one (B, Lt, d) per layer."""
         if self._teacher:
             return teacher_hidden_states(self._teacher[0], input_ids, attention_mask)
-        with self.model.disable_adapter():
+        if self._lora_found is None:
+            self._lora_found = lora_layers(self.model)
+        with lora_switched_off(self._lora_found):
             return teacher_hidden_states(self.model, input_ids, attention_mask)
 
     @torch.no_grad()
