@@ -207,7 +207,8 @@ def test_a_lora_trainees_teacher_is_the_base_with_its_adapter_off():
     from gistlib.core.lm import LMTrainee
 
     b = gisting_batch()
-    trainee = LMTrainee(small_pocket_model(TOK, seed=0), "gist", gist_token_ids(TOK)[:3], lora_rank=4, distill_weight=1.0)
+    gists = gist_token_ids(TOK)[:3]
+    trainee = LMTrainee(small_pocket_model(TOK, seed=0), "gist", gists, lora_rank=4, distill_weight=1.0)
     with torch.no_grad():
         for name, p in trainee.model.named_parameters():
             if "lora_B" in name:
@@ -217,6 +218,6 @@ def test_a_lora_trainees_teacher_is_the_base_with_its_adapter_off():
         plain = small_pocket_model(TOK, seed=0)(input_ids=ids, attention_mask=mask, output_hidden_states=True)
         adapted = trainee.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
     real = mask.bool()
-    for t, p, a in zip(taught, plain.hidden_states[1:], adapted.hidden_states[1:]):
+    for t, p in zip(taught, plain.hidden_states[1:]):
         torch.testing.assert_close(t[real], p[real], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(adapted.hidden_states[-1][real], plain.hidden_states[-1][real], atol=1e-3)
