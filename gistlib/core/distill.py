@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from gistlib.core.masks import make_causal_mask
-from gistlib.core.prefix import forward_with_mask, positions_from_mask
+from gistlib.core.prefix import by_length, forward_with_mask, positions_from_mask
 
 __all__ = ["suffix_alignment", "hidden_cosine_loss", "teacher_hidden_states"]
 
@@ -84,15 +84,19 @@ def teacher_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.
     """Hidden states after every layer, (R, Lt, d) each, of `model` on right-padded `[BOS] demos x y` rows.
 
     Run it on the downstream model (adapters off). The last entry is after the final norm, as in
-    transformers' `output_hidden_states`.
+    transformers' `output_hidden_states`. Rows of very different lengths run in two passes (`by_length`).
     """
-    out = forward_with_mask(
-        model,
-        make_causal_mask(input_ids, attention_mask=attention_mask),
-        positions_from_mask(attention_mask),
-        input_ids=input_ids,
-        use_cache=False,
-        output_hidden_states=True,
-        logits_to_keep=1,
-    )
-    return out.hidden_states[1:]
+
+    def run(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = forward_with_mask(
+            model,
+            make_causal_mask(ids, attention_mask=mask),
+            positions_from_mask(mask),
+            input_ids=ids,
+            use_cache=False,
+            output_hidden_states=True,
+            logits_to_keep=1,
+        )
+        return out.hidden_states[1:]
+
+    return tuple(by_length(run, input_ids, attention_mask))

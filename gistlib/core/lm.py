@@ -28,7 +28,14 @@ from transformers import PreTrainedModel
 from gistlib.core.distill import hidden_cosine_loss, teacher_hidden_states
 from gistlib.core.hyper import LINEAR_MAPS
 from gistlib.core.masks import make_causal_mask, make_gist_mask
-from gistlib.core.prefix import forward_with_mask, lora_layers, lora_switched_off, peft_wrap, positions_from_mask
+from gistlib.core.prefix import (
+    by_length,
+    forward_with_mask,
+    lora_layers,
+    lora_switched_off,
+    peft_wrap,
+    positions_from_mask,
+)
 from gistlib.core.scoring import sequence_logprobs, token_loss
 
 __all__ = ["LMTrainee"]
@@ -93,15 +100,24 @@ class LMTrainee(nn.Module):
             return make_gist_mask(input_ids, self.gist_token_ids, attention_mask=attention_mask)
         return make_causal_mask(input_ids, attention_mask=attention_mask)
 
-    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, hidden: bool = False):
-        """The model's output under the mask, positions counting real tokens from 0 (hidden: every layer's)."""
-        mask = self.attention_mask_4d(input_ids, attention_mask)
-        positions = positions_from_mask(attention_mask)
-        return forward_with_mask(self.model, mask, positions, input_ids=input_ids, output_hidden_states=hidden)
+    def _forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, hidden: bool = False
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """(logits (B, L, V), hidden states: embeddings then every layer's, (B, L, d) each; () unless `hidden`)
+        under the mask, positions counting real tokens from 0. Rows of very different lengths run as two
+        passes (`by_length`)."""
+
+        def run(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            rule, positions = self.attention_mask_4d(ids, mask), positions_from_mask(mask)
+            out = forward_with_mask(self.model, rule, positions, input_ids=ids, output_hidden_states=hidden)
+            return (out.logits, *(out.hidden_states if hidden else ()))
+
+        logits, *states = by_length(run, input_ids, attention_mask)
+        return logits, tuple(states)
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, L, V) logits under the mask, positions counting real tokens from 0."""
-        return self._forward(input_ids, attention_mask).logits
+        return self._forward(input_ids, attention_mask)[0]
 
     def objective(
         self,
@@ -114,13 +130,13 @@ class LMTrainee(nn.Module):
         """(loss to minimise, LM loss on `labels`): the two differ by distill_weight x the distillation term
         when the batch has teacher rows, (B, Lt) `[BOS] demos x y` for each (B, L) row."""
         teach = icl_input_ids is not None and self.distill_weight > 0
-        out = self._forward(input_ids, attention_mask, hidden=teach)
-        lm = token_loss(out.logits, labels)
+        logits, states = self._forward(input_ids, attention_mask, hidden=teach)
+        lm = token_loss(logits, labels)
         if not teach:
             return lm, lm
         teacher = self._teacher_hidden(icl_input_ids, icl_attention_mask)
         after = self.tokens_after_gists(input_ids, attention_mask)
-        aux = hidden_cosine_loss(out.hidden_states[1:], teacher, attention_mask, icl_attention_mask, after)
+        aux = hidden_cosine_loss(states[1:], teacher, attention_mask, icl_attention_mask, after)
         return lm + self.distill_weight * aux, lm
 
     def loss_and_backward(self, input_ids, attention_mask, labels, loss_scale: float = 1.0, **teacher) -> torch.Tensor:
