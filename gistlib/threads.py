@@ -7,6 +7,8 @@ from /proc/stat (Linux; elsewhere the one-minute load average, which also counts
 `make main`'s own set-up), and says so in one line with the way to change it:
 
     torch.set_num_threads(choose_threads(exp.run.threads))   # 0 / None: choose; N > 0: exactly N
+
+`OMP_NUM_THREADS=N` in the environment counts as asking for N when run.threads does not say.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import os
 import time
 
-__all__ = ["usable_cores", "busy_cores", "free_cores", "choose_threads"]
+__all__ = ["usable_cores", "busy_cores", "free_cores", "omp_threads", "choose_threads"]
 
 
 def usable_cores() -> int:
@@ -77,8 +79,16 @@ def free_cores(cpu_count: int | None = None, load: float | None = None) -> int:
     return max(1, min(cpus, cpus - round(load)))
 
 
+def omp_threads() -> int | None:
+    """The thread count `OMP_NUM_THREADS` asks for (its first entry, as in "4,2"); None when it is unset, empty, not
+    a number or not positive (OpenMP ignores it then too)."""
+    first = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    return int(first) if first.isdigit() and int(first) > 0 else None
+
+
 def choose_threads(requested: int | None = None, announce: bool = True) -> int:
-    """The torch thread count to use: `requested` if it is a positive number, else `free_cores()`.
+    """The torch thread count to use: `requested` if it is a positive number, else `OMP_NUM_THREADS` where it is
+    set (`omp_threads`), else `free_cores()`.
 
     With `announce`, prints one line saying which count it uses, why, and how to change it
     (`--set run.threads=N`). Returns the count; the caller passes it to `torch.set_num_threads`.
@@ -88,6 +98,8 @@ def choose_threads(requested: int | None = None, announce: bool = True) -> int:
     cpus = usable_cores()
     if requested:
         chosen, why = requested, "as asked by run.threads"
+    elif omp_threads() is not None:
+        chosen, why = omp_threads(), "as asked by OMP_NUM_THREADS"
     else:
         load, how = _load_now()
         chosen, why = free_cores(cpus, load), f"the free cores of {cpus} ({how})"

@@ -11,6 +11,12 @@ import gistlib.threads as threads
 from gistlib.threads import busy_cores, choose_threads, free_cores
 
 
+@pytest.fixture(autouse=True)
+def _no_omp_num_threads(monkeypatch):
+    """The choice is tested from a clean environment, whatever OMP_NUM_THREADS the test run itself has."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+
+
 @pytest.mark.parametrize(
     "cpus,load,expected", [(2, 0.0, 2), (2, 1.2, 1), (2, 1.6, 1), (2, 5.0, 1), (16, 3.4, 13), (4, 0.4, 4)]
 )
@@ -30,6 +36,23 @@ def test_an_explicit_count_wins_and_the_choice_is_announced(capsys, monkeypatch)
     assert choose_threads(None, announce=False) == 1 and capsys.readouterr().out == ""
     with pytest.raises(ValueError, match="run.threads"):
         choose_threads(-1)
+
+
+def test_omp_num_threads_counts_as_asking_unless_run_threads_says(capsys, monkeypatch):
+    """`OMP_NUM_THREADS=1 make main` (a learner's way to ask for one thread) runs at 1 thread on a free 2-core
+    machine; run.threads still wins; a value OpenMP would ignore leaves the choice to the free cores."""
+    monkeypatch.setattr(threads, "busy_cores", lambda: 0.0)
+    monkeypatch.setattr(threads, "usable_cores", lambda: 2)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert choose_threads(None) == 1 and "as asked by OMP_NUM_THREADS" in capsys.readouterr().out
+    assert choose_threads(2, announce=False) == 2
+    monkeypatch.setenv("OMP_NUM_THREADS", "3,1")
+    assert choose_threads(None, announce=False) == 3
+    for ignored in ("", "0", "-2", "many"):
+        monkeypatch.setenv("OMP_NUM_THREADS", ignored)
+        assert choose_threads(None, announce=False) == 2
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert choose_threads(None, announce=False) == 2
 
 
 def test_measured_busy_cores_win_over_a_stale_load_average(capsys, monkeypatch):
