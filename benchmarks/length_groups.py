@@ -15,7 +15,6 @@ from dataclasses import replace
 import torch
 from _common import BENCH, print_table, setup, time_paired, write_json
 
-import gistlib.core.hyper as hyper_module
 import gistlib.core.prefix as prefix_module
 from gistlib.core.hyper import HyperLlama
 from gistlib.core.lm import LMTrainee
@@ -111,8 +110,7 @@ def _padding(batches: list[dict], key: str) -> float:
 def _switch(on: bool) -> None:
     whole = lambda mask, **_: [torch.arange(mask.shape[0])]  # noqa: E731
     fn = _ORIGINAL if on else whole
-    hyper_module.length_groups = fn
-    prefix_module.length_groups = fn
+    prefix_module.length_groups = fn  # HyperLlama, the teacher and LMTrainee all group through this name
 
 
 _ORIGINAL = prefix_module.length_groups

@@ -1,16 +1,16 @@
-"""Rows of very different lengths run as two passes with less padding (`length_groups`, `by_length`): the
-prefixes, logits and teacher states are those of each row run alone, and the gradients those of one pass."""
+"""Rows of very different lengths run as two passes with less padding (`length_groups`, `trimmed_groups`,
+`by_length`): the prefixes, logits and teacher states are those of each row run alone, and the gradients those of
+one pass."""
 
 import pytest
 import torch
 from conftest import GIST_IDS, PAD
 
-import gistlib.core.hyper as hyper_module
 import gistlib.core.prefix as prefix_module
 from gistlib.core.distill import teacher_hidden_states
 from gistlib.core.hyper import HyperConfig, HyperLlama
 from gistlib.core.lm import LMTrainee
-from gistlib.core.prefix import by_length, length_groups
+from gistlib.core.prefix import by_length, length_groups, positions_from_mask
 from gistlib.models.tiny import build_tiny_llama
 
 LENGTHS = [3, 25, 4, 24, 5, 3, 26, 4, 22, 6]  # short and long rows, interleaved
@@ -41,23 +41,26 @@ def test_groups_split_short_from_long_rows_only_when_it_pays():
     assert len(length_groups(padded(rows([3, 25, 4, 24]), "right")[1])) == 1  # too few rows for two groups
 
 
-def test_by_length_equals_each_row_alone_and_zeros_the_padding():
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_by_length_equals_each_row_alone_and_zeros_the_padding(side):
     model = build_tiny_llama(vocab_size=64, seed=0).eval()
-    ids, mask = padded(rows(), "right")
+    ids, mask = padded(rows(), side)
     calls = []
 
     def run(i, m):
         calls.append(i.shape)
-        return (model(input_ids=i, attention_mask=m).logits,)
+        return (model(input_ids=i, attention_mask=m, position_ids=positions_from_mask(m)).logits,)
 
     (logits,) = by_length(run, ids, mask)
     assert len(calls) == 2 and max(c[1] for c in calls) == ids.shape[1] and min(c[1] for c in calls) < 10
     for r, n in enumerate(mask.sum(1).tolist()):
-        alone = model(input_ids=ids[r : r + 1, :n]).logits[0]
-        torch.testing.assert_close(logits[r, :n], alone, atol=1e-5, rtol=1e-5)
+        real = slice(0, n) if side == "right" else slice(ids.shape[1] - n, None)
+        alone = model(input_ids=ids[r : r + 1, real]).logits[0]
+        torch.testing.assert_close(logits[r, real], alone, atol=1e-5, rtol=1e-5)
     short = length_groups(mask)[0]
     width = int(mask[short].sum(1).max())
-    assert bool((logits[short, width:] == 0).all())  # trimmed columns come back as zeros
+    trimmed = logits[short, width:] if side == "right" else logits[short, : ids.shape[1] - width]
+    assert bool((trimmed == 0).all())  # trimmed columns come back as zeros, on the padding side
 
 
 def test_hyperllama_prefixes_of_a_mixed_batch_are_each_rows_own():
@@ -115,8 +118,7 @@ def test_grouped_gradients_equal_one_pass(monkeypatch, teacher):
 
     grouped = grads()
     whole = lambda mask, **_: [torch.arange(mask.shape[0])]  # noqa: E731
-    monkeypatch.setattr(hyper_module, "length_groups", whole)
-    monkeypatch.setattr(prefix_module, "length_groups", whole)
+    monkeypatch.setattr(prefix_module, "length_groups", whole)  # every grouped pass goes through this one name
     one_pass = grads()
     assert grouped.keys() == one_pass.keys() and len(grouped) > 0
     for n in grouped:

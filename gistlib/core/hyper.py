@@ -40,14 +40,14 @@ from gistlib.core.prefix import (
     forward_with_mask,
     generate_with_prefix,
     gist_positions,
-    length_groups,
     lora_layers,
     lora_switched_off,
-    padding_side,
     peft_wrap,
     positions_from_mask,
     prefix_pass,
     prefixed_causal_mask,
+    rows_in_order,
+    trimmed_groups,
 )
 from gistlib.core.scoring import sequence_logprobs, token_loss
 
@@ -218,7 +218,7 @@ class HyperLlama(nn.Module):
         One hypernetwork pass (adapters on); gist keys are captured inside attention at their
         absolute positions, re-rotated to 0..k-1, then passed through the prefix head. Raises inside
         `downstream_mode()`: there the adapters are off and the pass would be the frozen base's, not the hypernetwork's.
-        A batch whose lengths differ a lot runs as two passes, rows of similar length together (`length_groups`:
+        A batch whose lengths differ a lot runs as two passes, rows of similar length together (`trimmed_groups`:
         less padding). The gists come last, so unpadded rows take sdpa's fast causal path (`prefix_pass`); without
         gradients (inference) the pass runs on LoRA-merged weights (`merged_lora`), with them on the unmerged ones.
         """
@@ -227,14 +227,12 @@ class HyperLlama(nn.Module):
                 "HyperLlama.make_prefix inside downstream_mode(): the adapters are off, so this would be the frozen "
                 "base's pass; make the prefix first, then score or generate inside downstream_mode()"
             )
-        groups = length_groups(hyper_attention_mask) if padding_side(hyper_attention_mask) == "left" else []
-        if len(groups) < 2:
+        groups = trimmed_groups(hyper_attention_mask)
+        if not groups:
             return self._prefix_pass(hyper_input_ids, hyper_attention_mask)
-        parts = []
-        for rows in groups:  # one pass per group of similar length, its left padding trimmed
-            width = int(hyper_attention_mask[rows].sum(1).max())
-            parts.append(self._prefix_pass(hyper_input_ids[rows, -width:], hyper_attention_mask[rows, -width:]))
-        return Prefix.cat(parts).rows(torch.cat(groups).argsort())
+        ids, mask = hyper_input_ids, hyper_attention_mask
+        parts = [self._prefix_pass(ids[rows, cols], mask[rows, cols]) for rows, cols in groups]
+        return Prefix.cat(parts).rows(rows_in_order(groups))
 
     def _prefix_pass(self, hyper_input_ids: torch.Tensor, hyper_attention_mask: torch.Tensor) -> Prefix:
         """`make_prefix` in one hypernetwork pass over the whole batch (B, Lh)."""

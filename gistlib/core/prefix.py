@@ -50,6 +50,10 @@ __all__ = [
     "prefix_to_peft",
     "prefix_from_peft",
     "peft_model_with_prefix",
+    "length_groups",
+    "trimmed_groups",
+    "rows_in_order",
+    "by_length",
 ]
 
 
@@ -136,30 +140,51 @@ def padding_side(attention_mask: torch.Tensor) -> str | None:
     return None
 
 
+def trimmed_groups(attention_mask: torch.Tensor) -> list[tuple[torch.Tensor, slice]]:
+    """The passes of a padded batch (B, L) with its rows grouped by length: (rows, columns) per pass, the columns
+    trimmed of the group's padding on the batch's padding side; [] when one pass over the whole batch is best
+    (`length_groups` finds one group, or the padding is neither all left nor all right). The rows go back in
+    order with `rows_in_order(groups)`."""
+    side = padding_side(attention_mask)
+    groups = length_groups(attention_mask) if side is not None else []
+    if len(groups) < 2:
+        return []
+    passes = []
+    for rows in groups:
+        width = int(attention_mask[rows].sum(1).max())
+        passes.append((rows, slice(-width, None) if side == "left" else slice(0, width)))
+    return passes
+
+
+def rows_in_order(groups: Sequence[tuple[torch.Tensor, slice]]) -> torch.Tensor:
+    """The index (B,) that puts the groups' rows, concatenated, back in batch order."""
+    return torch.cat([rows for rows, _ in groups]).argsort()
+
+
 def by_length(
     run: Callable[[torch.Tensor, torch.Tensor], Sequence[torch.Tensor]],
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
 ) -> list[torch.Tensor]:
-    """`run(input_ids, attention_mask)` on a right-padded batch (B, L), one call per `length_groups` group with
-    the group's padding columns trimmed; each output (B, L, ...) is put back together in row order, zeros at
-    the trimmed positions (positions that are padding anyway). Gradients flow through. One call when the rows
-    are of similar length, or the batch is not right padded."""
-    groups = length_groups(attention_mask) if padding_side(attention_mask) == "right" else []
-    if len(groups) < 2:
+    """`run(input_ids, attention_mask)` on a padded batch (B, L), one call per pass of `trimmed_groups`; each
+    output (B, L, ...) is put back together in row order, zeros at the trimmed positions (positions that are
+    padding anyway, on the batch's padding side). Gradients flow through. One call when the rows are of similar
+    length."""
+    groups = trimmed_groups(attention_mask)
+    if not groups:
         return list(run(input_ids, attention_mask))
     width = input_ids.shape[1]
     parts = []
-    for rows in groups:
-        w = int(attention_mask[rows].sum(1).max())
-        parts.append(
-            [
-                F.pad(t, (0, 0) * (t.dim() - 2) + (0, width - w))
-                for t in run(input_ids[rows, :w], attention_mask[rows, :w])
-            ]
-        )
-    order = torch.cat(groups).argsort()
+    for rows, cols in groups:
+        outs = run(input_ids[rows, cols], attention_mask[rows, cols])
+        parts.append([F.pad(t, (0, 0) * (t.dim() - 2) + _pad_back(cols, t.shape[1], width)) for t in outs])
+    order = rows_in_order(groups)
     return [torch.cat(outs)[order] for outs in zip(*parts)]
+
+
+def _pad_back(cols: slice, kept: int, width: int) -> tuple[int, int]:
+    """(left, right) zeros that put `kept` trimmed columns back at their place in `width`."""
+    return (width - kept, 0) if cols.start is not None and cols.start < 0 else (0, width - kept)
 
 
 def positions_from_mask(attention_mask: torch.Tensor, start: int | torch.Tensor = 0) -> torch.Tensor:
