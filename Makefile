@@ -46,7 +46,8 @@ smol-rebuild: setup
 	  'methods.enabled=["hyperllama","multitask_icl"]' run.out_dir=results/smol-rebuild
 	$(BIN)/python -m gistlib ship configs/smol.json --set run.cache_dir=runs/smol-rebuild
 
-# pytest exits 5 when it collects no test: that is a failure too.
+# pytest exits 5 when it collects no test: that is a failure too. One pytest worker per core (pytest-xdist), each
+# test file on one worker (its module fixtures run once) and one torch thread each (tests/conftest.py).
 test: setup
-	$(BIN)/python -m pytest -q -p no:cacheprovider; rc=$$?; \
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n auto --dist loadfile; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc

@@ -9,7 +9,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Under pytest-xdist (`make test`: one worker per core) each worker gets its share of the cores, and so do the
+# processes it starts (OMP_NUM_THREADS is what gistlib's runner and the notebook kernels read): workers that each
+# spread over every core would wait on each other's threads.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    from gistlib.threads import usable_cores  # noqa: E402
+
+    os.environ["OMP_NUM_THREADS"] = str(max(1, usable_cores() // _WORKERS))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+else:
+    torch.set_num_threads(min(2, torch.get_num_threads()))
 
 VOCAB = 64
 GIST_IDS = [60, 61, 62, 63]  # four distinct gist tokens at the top of a 64-token vocab
