@@ -294,6 +294,28 @@ def test_a_prefix_cannot_be_made_with_the_adapters_off():
     assert not hyper.adapters_off
 
 
+def test_the_merged_copy_is_reused_and_follows_a_change_made_without_gradients():
+    """Two inference calls share one merged copy; an in-place LoRA change between them (a load, a step under
+    no_grad) makes the next call merge again, so its prefix is the changed hypernetwork's."""
+    hyper = make_hyper()
+    perturb_lora(hyper, scale=0.2)
+    hyper.eval()
+    h_ids, h_am, *_ = toy_batch()
+    real = h_am[0].bool()
+    ids, am = h_ids[:1, real], h_am[:1, real]
+    with torch.no_grad():
+        first = hyper.make_prefix(ids, am)
+        kept = hyper._merged
+        hyper.make_prefix(ids, am)
+        assert hyper._merged is kept  # reused
+        perturb_lora(hyper, scale=0.2, seed=7)
+        moved = hyper.make_prefix(ids, am)
+        assert hyper._merged is not kept
+    reference = hyper.make_prefix(ids, am)  # gradients on: the unmerged LoRA as it is now
+    torch.testing.assert_close(moved.keys, reference.keys.detach(), atol=1e-4, rtol=1e-4)
+    assert (moved.keys - first.keys).abs().max() > 1e-3
+
+
 def test_merged_lora_prefix_equals_unmerged_and_restores_the_base():
     """Without gradients make_prefix runs on merged weights: equal to the unmerged pass, base bit-identical after."""
     hyper = make_hyper()

@@ -279,7 +279,8 @@ class HyperLlama(nn.Module):
 
     def _lora_version(self) -> tuple:
         """Changes whenever a LoRA weight does (in-place optimiser steps and loads bump `_version`)."""
-        return tuple((p.data_ptr(), p._version) for n, p in self.peft.named_parameters() if "lora_" in n)
+        params = [lin.weight for m in self._lora_layers() for branch in (m.lora_A, m.lora_B) for lin in branch.values()]
+        return tuple((p.data_ptr(), p._version) for p in params)
 
     @contextlib.contextmanager
     def merged_lora(self):
