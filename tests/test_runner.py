@@ -65,6 +65,26 @@ def test_every_method_produced_a_number(smoke):
     assert summary["environment"]["torch_threads"] >= 1 and summary["config"] == exp.to_dict()
 
 
+def test_the_methods_plot_shows_every_seed_and_their_mean(smoke):
+    """methods.png: a method trained at several seeds is drawn as its mean over seeds, with a dot per seed."""
+    from matplotlib.collections import LineCollection
+
+    from gistlib.course.report import plot_methods
+
+    _, summary = smoke
+    m = summary["methods"]
+    ax = plot_methods(summary).axes[0]
+    names = [t.get_text() for t in ax.get_xticklabels()]
+    heights = dict(zip(names, [bar.get_height() for bar in ax.patches]))
+    for name in ("gisting", "hyperllama"):
+        assert heights[name] == pytest.approx(m[name]["mean_over_seeds"])
+    assert heights["zero_shot"] == pytest.approx(m["zero_shot"]["accuracy"])
+    dots = sorted(y for line in ax.get_lines() if line.get_marker() == "o" for y in line.get_ydata())
+    seeds = sorted(v["accuracy"] for name in ("gisting", "hyperllama") for v in m[name]["per_seed"].values())
+    assert dots == pytest.approx(seeds)
+    assert any(isinstance(c, LineCollection) for c in ax.collections)  # the intervals
+
+
 def test_files_exist(smoke):
     exp, _ = smoke
     out = Path(exp.run.out_dir)

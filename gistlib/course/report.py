@@ -165,20 +165,37 @@ def _plt():
 
 
 def plot_methods(summary: dict):
-    """Bar chart: accuracy (ROUGE-L where the tasks generate) per method with 95% intervals."""
+    """Bar chart: accuracy (ROUGE-L where the tasks generate) per method with 95% intervals; a method trained at
+    several seeds shows its mean over seeds as the bar and each seed as a dot with its interval."""
     plt = _plt()
     m = summary["methods"]
     names = [n for n in METHOD_ORDER if n in m]
     rouge = all(m[n].get("rouge_l") is not None for n in names)
     key, ci = ("rouge_l", "rouge_l_ci95") if rouge else ("accuracy", "ci95")
-    acc = [m[n][key] for n in names]
-    err = [[a - m[n][ci][0] for n, a in zip(names, acc)], [m[n][ci][1] - a for n, a in zip(names, acc)]]
+    seeds = {n: list(m[n].get("per_seed", {}).values()) for n in names}
+    seeds = {n: v for n, v in seeds.items() if len(v) > 1}
+    acc = [sum(v[key] for v in seeds[n]) / len(seeds[n]) if n in seeds else m[n][key] for n in names]
     fig, ax = plt.subplots(figsize=(7, 3.8))
-    ax.bar(names, acc, yerr=err, capsize=4, color=[COLORS.get(n, "#777") for n in names])
+    ax.bar(names, acc, color=[COLORS.get(n, "#777") for n in names])
+    single = [(i, n) for i, n in enumerate(names) if n not in seeds]  # one run: the bar's own interval
+    low = [acc[i] - m[n][ci][0] for i, n in single]
+    high = [m[n][ci][1] - acc[i] for i, n in single]
+    ax.errorbar(
+        [i for i, _ in single], [acc[i] for i, _ in single], yerr=[low, high], fmt="none", color="black", capsize=4
+    )
+    for i, n in enumerate(names):  # a method trained at several seeds: each seed a dot with its interval
+        if n not in seeds:
+            continue
+        per = seeds[n]
+        xs = [i - 0.25 + 0.5 * j / (len(per) - 1) for j in range(len(per))]
+        ys = [v[key] for v in per]
+        yerr = [[y - v[ci][0] for y, v in zip(ys, per)], [v[ci][1] - y for y, v in zip(ys, per)]]
+        ax.errorbar(xs, ys, yerr=yerr, fmt="o", color="black", ms=3, lw=0.8, capsize=2)
     ax.tick_params(axis="x", labelsize=8, labelrotation=20)
     ax.set_ylim(0, 1)
     ax.set_ylabel(("ROUGE-L" if rouge else "accuracy") + " (held-out tasks)")
-    ax.set_title(f"methods, {m[names[0]]['n_episodes']} test episodes, 95% CI")
+    note = " (dots: seeds, bar: their mean)" if seeds else ""
+    ax.set_title(f"methods, {m[names[0]]['n_episodes']} test episodes, 95% CI{note}", fontsize=10)
     fig.tight_layout()
     return fig
 
