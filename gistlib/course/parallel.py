@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 from tqdm.auto import tqdm
 
-from .experiment import PREFIX_STARTS, Experiment
+from .experiment import Experiment
 
 __all__ = ["Job", "SideBySide", "training_jobs", "ladder_jobs", "train_side_by_side"]
 
@@ -60,12 +60,12 @@ def training_jobs(exp: Experiment) -> list[Job]:
 def ladder_jobs(exp: Experiment) -> list[Job]:
     """One prefix-tuning job per configured start, all from the HyperLlama the runner tunes from (the first run:
     num_gist_tokens, the first seed); none unless prefix_tuning and hyperllama both run."""
-    from .runner import hyper_runs
+    from .runner import hyper_runs, ladder_starts
 
     if not (exp.runs("prefix_tuning") and hyper_runs(exp)):
         return []
     k, seed = exp.hyper.num_gist_tokens, exp.run.seeds[0]
-    return [Job("prefix_tuning", k, seed, s) for s in PREFIX_STARTS if s in exp.methods.prefix_starts]
+    return [Job("prefix_tuning", k, seed, s) for s in ladder_starts(exp)]
 
 
 _LOADED: dict[str, tuple] = {}  # in a worker process: the bundle of the experiment it runs, loaded once

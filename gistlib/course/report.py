@@ -183,10 +183,8 @@ def plot_methods(summary: dict):
     ax.errorbar(
         [i for i, _ in single], [acc[i] for i, _ in single], yerr=[low, high], fmt="none", color="black", capsize=4
     )
-    for i, n in enumerate(names):  # a method trained at several seeds: each seed a dot with its interval
-        if n not in seeds:
-            continue
-        per = seeds[n]
+    for n, per in seeds.items():  # a method trained at several seeds: each seed a dot with its interval
+        i = names.index(n)
         xs = [i - 0.25 + 0.5 * j / (len(per) - 1) for j in range(len(per))]
         ys = [v[key] for v in per]
         yerr = [[y - v[ci][0] for y, v in zip(ys, per)], [v[ci][1] - y for y, v in zip(ys, per)]]

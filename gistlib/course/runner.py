@@ -69,6 +69,7 @@ __all__ = [
     "train_gisting",
     "train_multitask_icl",
     "prefix_ladder",
+    "ladder_starts",
     "tune_from_start",
     "test_episodes",
     "check_run_settings",
@@ -692,13 +693,17 @@ def word_ids_of(tok) -> list[int]:
     return sorted(i for i in tok.get_vocab().values() if i not in tok.all_special_ids)
 
 
+def ladder_starts(exp: Experiment) -> list[str]:
+    """The configured prefix-tuning starts (`methods.prefix_starts`), in the ladder's order (PREFIX_STARTS)."""
+    return [s for s in PREFIX_STARTS if s in exp.methods.prefix_starts]
+
+
 def prefix_ladder(b: Bundle, hyper: HyperLlama, hyper_pref, test) -> dict:
-    """Prefix tuning from each of `methods.prefix_starts` on the first `methods.prefix_episodes` test episodes:
+    """Prefix tuning from each of `ladder_starts` on the first `methods.prefix_episodes` test episodes:
     {prefix_tuning_<start>: {budget: scores}}."""
-    chosen = [s for s in PREFIX_STARTS if s in b.exp.methods.prefix_starts]
     return {
         f"prefix_tuning_{start}": tune_from_start(b, hyper, hyper_pref, test, start)
-        for start in tqdm(chosen, desc="prefix tuning", disable=not b.exp.run.progress)
+        for start in tqdm(ladder_starts(b.exp), desc="prefix tuning", disable=not b.exp.run.progress)
     }
 
 
